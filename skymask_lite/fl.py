@@ -1,0 +1,317 @@
+"""The federated-learning simulator: local training, the server step, evaluation, the round.
+
+One round (FedAvg, McMahan et al. AISTATS 2017, with a pluggable rule and attack)::
+
+    clients train from w          -> updates U, [n, d]  (U_i = w_i - w)
+    the attack rewrites rows of U -> U'                 (only the malicious rows)
+    the defence aggregates U'     -> Aggregation(update [d], kept)
+    the server steps              -> w <- w + global_lr * update
+
+Two client engines compute the same updates (to float tolerance, same seeds):
+
+* ``"loop"``: one client after the other, plain SGD on index tensors (no DataLoader); the
+  fastest on a CPU.
+* ``"batched"``: all clients at once with :func:`torch.func.vmap` over
+  :func:`torch.func.grad` of a :func:`torch.func.functional_call`; the fastest on a GPU.
+  Clients with fewer batches are padded with zero-weight examples, so every client's
+  loss is the mean over its real examples exactly as in the loop. Models with BatchNorm
+  statistics need the loop engine.
+
+Every random choice (batch order) comes from a generator seeded by ``(seed, round, client)``,
+so results do not depend on the engine or on the order clients are trained in.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.func import functional_call, grad, vmap
+
+from .aggregation import Aggregation
+from .context import RoundContext
+from .metrics import accuracy, attack_success_rate, detection_rates
+from .models import float_buffers, load_flat, unflatten
+
+ENGINES = ("loop", "batched")
+CLIENT_STREAM, ROUND_STREAM, ROOT_STREAM = 0, 1, 2  # independent random streams of a round
+
+
+@dataclass(frozen=True)
+class LocalRecipe:
+    """Clients' local training: plain SGD, ``epochs`` passes over the local data.
+
+    ``grad_clip`` clamps every gradient element to ``[-grad_clip, grad_clip]`` (the authors'
+    scripts use 0.01 with ``lr = 0.5``); ``None`` disables it.
+    """
+
+    lr: float = 0.1
+    batch_size: int = 32
+    epochs: int = 1
+    grad_clip: float | None = None
+
+
+def derive_seed(seed: int, *keys: int) -> int:
+    """A 63-bit seed derived from ``seed`` and ``keys`` (e.g. round, client) with NumPy's SeedSequence."""
+    return int(np.random.SeedSequence([seed, *keys]).generate_state(2, dtype=np.uint32).view(np.uint64)[0] >> 1)
+
+
+def client_batches(num_examples: int, batch_size: int, epochs: int, generator: torch.Generator) -> list[torch.Tensor]:
+    """The mini-batches of one client: a fresh permutation per epoch, cut into ``batch_size``
+    chunks (the last one may be smaller)."""
+    return [
+        chunk
+        for _ in range(epochs)
+        for chunk in torch.randperm(num_examples, generator=generator).split(batch_size)
+    ]
+
+
+def local_sgd(
+    net: nn.Module,
+    start: torch.Tensor,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    batches: list[torch.Tensor],
+    recipe: LocalRecipe,
+    buffers: dict[str, torch.Tensor] | None = None,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """SGD on ``(x, y)`` from the flat parameters ``start``; returns the update
+    ``w_local - start`` (``[d]``) and the final float buffers.
+
+    ``w <- w - lr * clamp(grad_w CE(f_w(x_b), y_b))`` for each batch ``b``; cross-entropy over
+    the class dimension, mean over the batch.
+    """
+    load_flat(net, start, buffers)
+    net.train()
+    params = list(net.parameters())
+    for idx in batches:
+        idx = idx.to(x.device)
+        loss = F.cross_entropy(net(x[idx]), y[idx])
+        grads = torch.autograd.grad(loss, params)
+        if recipe.grad_clip is not None:
+            grads = [g.clamp_(-recipe.grad_clip, recipe.grad_clip) for g in grads]
+        with torch.no_grad():
+            torch._foreach_add_(params, grads, alpha=-recipe.lr)
+    update = torch.cat([p.detach().reshape(-1) for p in params]) - start
+    return update, float_buffers(net)
+
+
+def train_clients_loop(
+    net: nn.Module,
+    global_params: torch.Tensor,
+    data: list[tuple[torch.Tensor, torch.Tensor]],
+    recipe: LocalRecipe,
+    seeds: list[int],
+    global_buffers: dict[str, torch.Tensor] | None = None,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Train every client one after the other; returns updates ``[n, d]`` and buffers ``{name: [n, ...]}``."""
+    updates, buffers = [], []
+    for (x, y), seed in zip(data, seeds):
+        batches = client_batches(len(y), recipe.batch_size, recipe.epochs, torch.Generator().manual_seed(seed))
+        update, buf = local_sgd(net, global_params, x, y, batches, recipe, global_buffers)
+        updates.append(update)
+        buffers.append(buf)
+    stacked = {name: torch.stack([b[name] for b in buffers]) for name in buffers[0]} if buffers[0] else {}
+    return torch.stack(updates), stacked
+
+
+def train_clients_batched(
+    net: nn.Module,
+    global_params: torch.Tensor,
+    data: list[tuple[torch.Tensor, torch.Tensor]],
+    recipe: LocalRecipe,
+    seeds: list[int],
+    global_buffers: dict[str, torch.Tensor] | None = None,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Train every client at once with ``vmap(grad(loss))`` over a ``[n, ...]`` stack of models."""
+    if global_buffers:
+        raise ValueError(
+            "the batched engine does not track BatchNorm statistics under vmap; use engine='loop' for "
+            f"models with buffers ({sorted(global_buffers)[:2]}...)"
+        )
+    device, n = global_params.device, len(data)
+    schedules = [
+        client_batches(len(y), recipe.batch_size, recipe.epochs, torch.Generator().manual_seed(seed))
+        for (_, y), seed in zip(data, seeds)
+    ]
+    steps = max(len(s) for s in schedules)
+    # index [n, steps, B] into each client's padded data, weight 0 marks padding
+    index = torch.zeros(n, steps, recipe.batch_size, dtype=torch.long)
+    weight = torch.zeros(n, steps, recipe.batch_size)
+    for i, schedule in enumerate(schedules):
+        for s, idx in enumerate(schedule):
+            index[i, s, : len(idx)] = idx
+            weight[i, s, : len(idx)] = 1.0
+    longest = max(len(y) for _, y in data)
+    xs = torch.stack([F.pad(x, (0, 0) * (x.dim() - 1) + (0, longest - len(x))) for x, _ in data])
+    ys = torch.stack([F.pad(y, (0, longest - len(y))) for _, y in data])
+    index, weight = index.to(device), weight.to(device, global_params.dtype)
+    rows = torch.arange(n, device=device).unsqueeze(1)
+
+    def loss_fn(flat: torch.Tensor, xb: torch.Tensor, yb: torch.Tensor, wb: torch.Tensor) -> torch.Tensor:
+        logits = functional_call(net, unflatten(flat, net), (xb,))
+        ce = F.cross_entropy(logits, yb, reduction="none")
+        return (ce * wb).sum() / wb.sum().clamp_min(1.0)
+
+    grad_all = vmap(grad(loss_fn))
+    net.train()
+    params = global_params.expand(n, -1).clone()  # [n, d]
+    for s in range(steps):
+        idx = index[:, s]  # [n, B]
+        grads = grad_all(params, xs[rows, idx], ys[rows, idx], weight[:, s])
+        if recipe.grad_clip is not None:
+            grads = grads.clamp_(-recipe.grad_clip, recipe.grad_clip)
+        params -= recipe.lr * grads
+    return params - global_params, {}
+
+
+def train_clients(
+    net: nn.Module,
+    global_params: torch.Tensor,
+    data: list[tuple[torch.Tensor, torch.Tensor]],
+    recipe: LocalRecipe,
+    seeds: list[int],
+    global_buffers: dict[str, torch.Tensor] | None = None,
+    engine: str = "loop",
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Local training of every client from ``global_params``: updates ``[n, d]`` and buffers."""
+    engines = {"loop": train_clients_loop, "batched": train_clients_batched}
+    if engine not in engines:
+        raise ValueError(f"unknown engine {engine!r}; choose one of {list(ENGINES)}")
+    return engines[engine](net, global_params, data, recipe, seeds, global_buffers)
+
+
+def root_steps_like_clients(client_sizes: list[int], recipe: LocalRecipe) -> int:
+    """SGD steps of the median client: ``epochs * ceil(median size / batch_size)``."""
+    return recipe.epochs * math.ceil(float(np.median(client_sizes)) / recipe.batch_size)
+
+
+def train_root(
+    net: nn.Module,
+    global_params: torch.Tensor,
+    root_x: torch.Tensor,
+    root_y: torch.Tensor,
+    recipe: LocalRecipe,
+    steps: int,
+    seed: int,
+    global_buffers: dict[str, torch.Tensor] | None = None,
+) -> torch.Tensor:
+    """The server's root update ``g0``: ``steps`` SGD steps of the clients' recipe on the root data,
+    cycling through it (epoch after epoch) as often as needed."""
+    epochs = math.ceil(steps * recipe.batch_size / len(root_y)) + 1
+    batches = client_batches(len(root_y), recipe.batch_size, epochs, torch.Generator().manual_seed(seed))[:steps]
+    update, _ = local_sgd(net, global_params, root_x, root_y, batches, recipe, global_buffers)
+    return update
+
+
+@torch.no_grad()
+def predict(
+    net: nn.Module,
+    params: torch.Tensor,
+    x: torch.Tensor,
+    buffers: dict[str, torch.Tensor] | None = None,
+    batch_size: int = 2000,
+) -> torch.Tensor:
+    """Predicted labels of the model with flat parameters ``params`` (eval mode)."""
+    net.eval()
+    state = {**unflatten(params, net), **(buffers or {})}
+    return torch.cat([functional_call(net, state, (xb,)).argmax(dim=1) for xb in x.split(batch_size)])
+
+
+@dataclass
+class Federation:
+    """Everything fixed for a whole run: the model template, the clients' data, the test and
+    root sets, who is malicious, and the recipes."""
+
+    net: nn.Module
+    client_data: list[tuple[torch.Tensor, torch.Tensor]]
+    test: tuple[torch.Tensor, torch.Tensor]
+    root: tuple[torch.Tensor, torch.Tensor]
+    malicious: torch.Tensor
+    num_classes: int
+    recipe: LocalRecipe = field(default_factory=LocalRecipe)
+    global_lr: float = 1.0
+    root_steps: int | None = None
+    engine: str = "loop"
+    seed: int = 0
+
+    @property
+    def num_clients(self) -> int:
+        return len(self.client_data)
+
+
+@dataclass
+class State:
+    """The global model between rounds: flat parameters, float buffers, the last finished round."""
+
+    params: torch.Tensor
+    buffers: dict[str, torch.Tensor]
+    round: int = 0
+
+
+def initial_state(fed: Federation) -> State:
+    """The global model as ``fed.net`` was initialised."""
+    return State(torch.cat([p.detach().reshape(-1) for p in fed.net.parameters()]).clone(), float_buffers(fed.net))
+
+
+def run_round(
+    fed: Federation,
+    state: State,
+    attack: Callable[[torch.Tensor, RoundContext], torch.Tensor],
+    defense: Callable[[torch.Tensor, RoundContext], Aggregation],
+) -> dict[str, Any]:
+    """One round: train, attack, aggregate, step, evaluate. Mutates ``state``; returns the
+    round's record ``{round, test_acc, kept, fpr, fnr, [asr], seconds, timing}``."""
+    t0 = time.perf_counter()
+    rnd = state.round + 1
+    seeds = [derive_seed(fed.seed, rnd, CLIENT_STREAM, i) for i in range(fed.num_clients)]
+    updates, buffers = train_clients(fed.net, state.params, fed.client_data, fed.recipe, seeds, state.buffers, fed.engine)
+    t1 = time.perf_counter()
+    ctx = RoundContext(
+        round=rnd,
+        num_clients=fed.num_clients,
+        num_malicious=len(fed.malicious),
+        malicious=fed.malicious,
+        net=fed.net,
+        global_params=state.params,
+        global_buffers=state.buffers,
+        root_x=fed.root[0],
+        root_y=fed.root[1],
+        local_lr=fed.recipe.lr,
+        batch_size=fed.recipe.batch_size,
+        local_epochs=fed.recipe.epochs,
+        num_classes=fed.num_classes,
+        generator=torch.Generator().manual_seed(derive_seed(fed.seed, rnd, ROUND_STREAM)),
+    )
+    updates = attack(updates, ctx)
+    if updates.shape[0] != fed.num_clients:
+        raise RuntimeError(f"the attack returned {updates.shape[0]} updates; the server must receive {fed.num_clients}")
+    t2 = time.perf_counter()
+    if getattr(defense, "needs_root_update", False):
+        steps = fed.root_steps or root_steps_like_clients([len(y) for _, y in fed.client_data], fed.recipe)
+        ctx.root_update = train_root(
+            fed.net, state.params, *fed.root, fed.recipe, steps, derive_seed(fed.seed, rnd, ROOT_STREAM), state.buffers
+        )
+    agg = defense(updates, ctx)
+    t3 = time.perf_counter()
+    state.params = state.params + fed.global_lr * agg.update
+    if buffers and len(agg.kept):
+        state.buffers = {name: b[agg.kept].mean(dim=0) for name, b in buffers.items()}
+    state.round = rnd
+    record: dict[str, Any] = {"round": rnd, "test_acc": accuracy(predict(fed.net, state.params, fed.test[0], state.buffers), fed.test[1])}
+    record["kept"] = agg.kept.tolist()
+    record.update(detection_rates(agg.kept, fed.malicious, fed.num_clients))
+    if getattr(attack, "target_class", None) is not None:
+        record["asr"] = attack_success_rate(
+            lambda x: predict(fed.net, state.params, x, state.buffers), *fed.test, attack.add_trigger, attack.target_class
+        )
+    t4 = time.perf_counter()
+    record["seconds"] = t4 - t0
+    record["timing"] = {"clients": t1 - t0, "attack": t2 - t1, "defense": t3 - t2, "eval": t4 - t3}
+    return record

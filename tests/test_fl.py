@@ -1,0 +1,149 @@
+import pytest
+import torch
+
+from skymask_lite.aggregation import Aggregation
+from skymask_lite.fl import (
+    Federation,
+    LocalRecipe,
+    client_batches,
+    derive_seed,
+    initial_state,
+    local_sgd,
+    predict,
+    root_steps_like_clients,
+    run_round,
+    train_clients,
+    train_root,
+)
+from skymask_lite.models import flatten_params, make_model
+
+
+def _clients(n=4, sizes=(70, 45, 64, 33), shape=(1, 28, 28)):
+    g = torch.Generator().manual_seed(1)
+    return [(torch.randn(m, *shape, generator=g), torch.randint(0, 10, (m,), generator=g)) for m in sizes[:n]]
+
+
+def test_client_batches_cover_each_epoch_once():
+    batches = client_batches(70, 32, 2, torch.Generator().manual_seed(0))
+    assert [len(b) for b in batches] == [32, 32, 6] * 2
+    assert sorted(torch.cat(batches[:3]).tolist()) == list(range(70))
+
+
+def test_local_sgd_is_plain_sgd_on_the_class_dimension():
+    """One step equals w - lr * grad of the mean cross-entropy over classes."""
+    net = make_model("lr", "fmnist")
+    w = flatten_params(net)
+    x, y = torch.randn(8, 1, 28, 28), torch.randint(0, 10, (8,))
+    update, _ = local_sgd(net, w, x, y, [torch.arange(8)], LocalRecipe(lr=0.3))
+    W, b = w[:7840].view(10, 784).clone().requires_grad_(), w[7840:].clone().requires_grad_()
+    logits = x.flatten(1) @ W.T + b
+    loss = -(logits.log_softmax(dim=1)[torch.arange(8), y]).mean()
+    gW, gb = torch.autograd.grad(loss, (W, b))
+    assert torch.allclose(update, -0.3 * torch.cat([gW.flatten(), gb]), atol=1e-6)
+
+
+def test_gradient_clamp_bounds_each_step():
+    net = make_model("lr", "fmnist")
+    x, y = torch.randn(8, 1, 28, 28) * 100, torch.randint(0, 10, (8,))
+    update, _ = local_sgd(net, flatten_params(net), x, y, [torch.arange(8)] * 3, LocalRecipe(lr=0.5, grad_clip=0.01))
+    assert update.abs().max() <= 3 * 0.5 * 0.01 + 1e-7
+
+
+@pytest.mark.parametrize("model,epochs", [("cnn", 1), ("lr", 3)])
+def test_loop_and_batched_engines_agree(model, epochs):
+    net = make_model(model, "fmnist")
+    w, data = flatten_params(net), _clients()
+    recipe = LocalRecipe(lr=0.05, batch_size=32, epochs=epochs)
+    seeds = [derive_seed(0, 1, 0, i) for i in range(len(data))]
+    loop, _ = train_clients(net, w, data, recipe, seeds, engine="loop")
+    batched, _ = train_clients(net, w, data, recipe, seeds, engine="batched")
+    assert loop.shape == (4, len(w))
+    assert torch.allclose(loop, batched, atol=1e-6, rtol=1e-4)
+    assert loop.norm(dim=1).min() > 0
+
+
+def test_batched_engine_refuses_batchnorm_models():
+    net = make_model("resnet20", "cifar10")
+    buffers = {n: b for n, b in net.named_buffers() if b.is_floating_point()}
+    with pytest.raises(ValueError, match="engine='loop'"):
+        train_clients(net, flatten_params(net), _clients(1, shape=(3, 32, 32)), LocalRecipe(), [0], buffers, "batched")
+
+
+def test_unknown_engine():
+    net = make_model("lr", "fmnist")
+    with pytest.raises(ValueError, match="unknown engine"):
+        train_clients(net, flatten_params(net), _clients(1), LocalRecipe(), [0], engine="threads")
+
+
+def test_root_update_takes_the_asked_number_of_steps():
+    net = make_model("lr", "fmnist")
+    w = flatten_params(net)
+    x, y = torch.randn(100, 1, 28, 28), torch.randint(0, 10, (100,))
+    assert root_steps_like_clients([600, 590, 610], LocalRecipe(batch_size=32)) == 19
+    short = train_root(net, w, x, y, LocalRecipe(lr=0.01), 1, seed=0)
+    long = train_root(net, w, x, y, LocalRecipe(lr=0.01), 19, seed=0)
+    assert long.norm() > 3 * short.norm()
+
+
+def _federation(malicious=(), engine="loop", model="lr"):
+    data = _clients()
+    g = torch.Generator().manual_seed(2)
+    test = (torch.randn(50, 1, 28, 28, generator=g), torch.randint(0, 10, (50,), generator=g))
+    return Federation(
+        net=make_model(model, "fmnist"), client_data=data, test=test, root=data[0],
+        malicious=torch.tensor(malicious, dtype=torch.long), num_classes=10, engine=engine,
+    )
+
+
+def _mean(updates, ctx):
+    return Aggregation(updates.mean(dim=0), torch.arange(updates.shape[0]))
+
+
+def test_run_round_applies_the_rule_and_records_detection():
+    fed = _federation(malicious=(1,))
+    state = initial_state(fed)
+    w0 = state.params.clone()
+    seen = {}
+
+    def keep_first_two(updates, ctx):
+        seen["updates"] = updates
+        return Aggregation(updates[:2].mean(dim=0), torch.tensor([0, 1]))
+
+    record = run_round(fed, state, lambda u, ctx: u, keep_first_two)
+    assert torch.allclose(state.params, w0 + seen["updates"][:2].mean(dim=0))
+    assert record["round"] == 1 and record["kept"] == [0, 1]
+    assert record["fpr"] == pytest.approx(2 / 3) and record["fnr"] == 1.0
+    assert record["test_acc"] == pytest.approx((predict(fed.net, state.params, fed.test[0]) == fed.test[1]).float().mean().item())
+    assert set(record["timing"]) == {"clients", "attack", "defense", "eval"}
+
+
+def test_rounds_are_reproducible_and_engine_independent():
+    records = []
+    for engine in ("loop", "loop", "batched"):
+        fed = _federation(engine=engine)
+        state = initial_state(fed)
+        records.append([run_round(fed, state, lambda u, c: u, _mean)["test_acc"] for _ in range(2)] + [state.params])
+    assert records[0][:2] == records[1][:2] and torch.equal(records[0][2], records[1][2])
+    assert torch.allclose(records[0][2], records[2][2], atol=1e-5)
+
+
+def test_attack_must_return_n_rows():
+    fed = _federation()
+    with pytest.raises(RuntimeError, match="must receive 4"):
+        run_round(fed, initial_state(fed), lambda u, c: u[:3], _mean)
+
+
+def test_root_update_is_given_only_when_asked():
+    fed = _federation()
+    seen = []
+
+    class NeedsRoot:
+        needs_root_update = True
+
+        def __call__(self, updates, ctx):
+            seen.append(ctx.root_update)
+            return _mean(updates, ctx)
+
+    run_round(fed, initial_state(fed), lambda u, c: u, NeedsRoot())
+    run_round(fed, initial_state(fed), lambda u, c: u, lambda u, ctx: seen.append(ctx.root_update) or _mean(u, ctx))
+    assert seen[0] is not None and seen[0].shape == (7850,) and seen[1] is None

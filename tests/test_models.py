@@ -1,0 +1,59 @@
+import pytest
+import torch
+
+from skymask_lite.models import (
+    FMNISTCNN,
+    float_buffers,
+    flatten_params,
+    load_flat,
+    make_model,
+    num_params,
+    param_slices,
+    unflatten,
+)
+
+
+def test_cnn_matches_the_paper():
+    net = FMNISTCNN()
+    shapes = [tuple(p.shape) for p in net.parameters()]
+    assert shapes == [(30, 1, 3, 3), (30,), (50, 30, 3, 3), (50,), (100, 1250), (100,), (10, 100), (10,)]
+    assert num_params(net) == 139_960
+
+
+@pytest.mark.parametrize("name,dataset,d", [("cnn", "fmnist", 139_960), ("lr", "fmnist", 7_850), ("resnet20", "cifar10", 272_474), ("resnet20", "cifar100", 278_324)])
+def test_models_forward_and_size(name, dataset, d):
+    net = make_model(name, dataset)
+    shape = (1, 28, 28) if dataset == "fmnist" else (3, 32, 32)
+    classes = 100 if dataset == "cifar100" else 10
+    assert net(torch.zeros(2, *shape)).shape == (2, classes)
+    assert num_params(net) == d
+
+
+def test_resnet20_buffers_are_apart_from_parameters():
+    net = make_model("resnet20", "cifar10")
+    buffers = float_buffers(net)
+    assert buffers and all("running" in name for name in buffers)
+    assert len(flatten_params(net)) == num_params(net)
+
+
+def test_flatten_unflatten_roundtrip():
+    net = make_model("cnn", "fmnist", seed=1)
+    vec = flatten_params(net)
+    parts = unflatten(vec, net)
+    for (name, p), (name2, q) in zip(net.named_parameters(), parts.items()):
+        assert name == name2 and torch.equal(p, q)
+    batch = torch.stack([vec, 2 * vec])
+    assert unflatten(batch, net)["fc2.weight"].shape == (2, 10, 100)
+    other = make_model("cnn", "fmnist", seed=2)
+    load_flat(other, vec)
+    assert torch.equal(flatten_params(other), vec)
+    assert param_slices(net)["fc2.bias"] == slice(139_950, 139_960)
+
+
+def test_seeded_init_and_errors():
+    assert torch.equal(flatten_params(make_model("lr", "fmnist", seed=3)), flatten_params(make_model("lr", "fmnist", seed=3)))
+    assert not torch.equal(flatten_params(make_model("lr", "fmnist", seed=3)), flatten_params(make_model("lr", "fmnist", seed=4)))
+    with pytest.raises(ValueError, match="unknown model"):
+        make_model("vgg", "fmnist")
+    with pytest.raises(ValueError, match="use 'resnet20'"):
+        make_model("cnn", "cifar10")
