@@ -111,11 +111,15 @@ def run_name(config: Config) -> str:
 def build(config: Config, data_root: str | os.PathLike | None = None):
     """The :class:`~skymask_lite.fl.Federation`, the attack and the defence of ``config``."""
     config.validate()
-    attack = make_attack(config.attack, **config.attack_options)
+    num_classes = NUM_CLASSES[config.dataset]
+    attack_options = dict(config.attack_options)
+    if config.attack == "label_flip":
+        attack_options.setdefault("num_classes", num_classes)
+    attack = make_attack(config.attack, **attack_options)
     defense = make_defense(config.defense, **config.defense_options)
     device = check_device(config.device)
+    net = make_model(config.model, config.dataset, seed=config.seed).to(device)
     train, test = load_dataset(config.dataset, data_root)
-    num_classes = NUM_CLASSES[config.dataset]
     x, y = train.tensors
     if config.train_size is not None:
         keep = torch.randperm(len(y), generator=torch.Generator().manual_seed(derive_seed(config.seed, 0, 4)))
@@ -133,7 +137,7 @@ def build(config: Config, data_root: str | os.PathLike | None = None):
         gen = torch.Generator().manual_seed(derive_seed(config.seed, 0, POISON_STREAM, i))
         client_data[i] = attack.poison_data(*client_data[i], gen)
     fed = Federation(
-        net=make_model(config.model, config.dataset, seed=config.seed).to(device),
+        net=net,
         client_data=[(cx.to(device), cy.to(device)) for cx, cy in client_data],
         test=(test.tensors[0].to(device), test.tensors[1].to(device)),
         root=(x[root_idx].to(device), y[root_idx].to(device)),

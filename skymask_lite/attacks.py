@@ -1,0 +1,439 @@
+"""Attacks of the SkyMask evaluation: model poisoning as pure functions, data poisoning as transforms.
+
+Sign convention (as in the whole package): a client update is
+``delta_i = w_i_after_local_training - w_global``; the server applies ``w += global_lr * agg``.
+
+Model poisoning. Every crafting function takes the benign updates ``B`` (``[nb, d]``, one row per
+client) that the attackers can see and returns what the ``f`` colluding attackers send:
+``[d]`` (all attackers send the same row) or ``[f, d]``. None loops over coordinates or clients.
+
+* :func:`gaussian` - rows drawn from ``N(0, sigma^2 I)``.
+* :func:`sign_flip` - ``-c * mean(B)``.
+* :func:`lie` - "a little is enough" (Baruch et al., NeurIPS 2019).
+* :func:`fang_trim`, :func:`fang_krum` - full-knowledge attacks on Trimmed-Mean and Krum
+  (Fang et al., USENIX Security 2020).
+* :func:`min_max`, :func:`min_sum` - AGR-agnostic attacks (Shejwalkar and Houmansadr, NDSS 2021),
+  with their ``gamma`` search exposed as :func:`agr_agnostic_gamma`.
+
+Data poisoning: :func:`flip_labels`, :func:`add_trigger` and the backdoor of Bagdasaryan et al.
+(AISTATS 2020), whose server-side step scales the attackers' updates by ``n / f``.
+
+Attack objects (:class:`Attack` and subclasses) are what the simulator calls each round:
+``attack(updates, ctx) -> updates'`` with exactly ``n`` rows, only the rows ``ctx.malicious``
+changed. :data:`ATTACKS` maps names to factories; :func:`make_attack` checks name and options.
+"""
+
+from __future__ import annotations
+
+import inspect
+import math
+from functools import partial
+from statistics import NormalDist
+from typing import Any, Callable
+
+import torch
+from torch import Tensor
+
+from .context import RoundContext
+
+PERTURBATIONS = ("unit_vec", "std", "sign")
+MIN_SUM_BOUNDS = ("paper", "authors_code")
+KNOWLEDGE = ("full", "partial")
+
+# ----------------------------------------------------------------------------- input checks
+
+
+def _check_benign(benign: Tensor, min_rows: int = 1, why: str = "") -> None:
+    """Raise a clear error unless ``benign`` is a floating ``[nb, d]`` tensor with ``nb >= min_rows``."""
+    if not isinstance(benign, Tensor) or benign.dim() != 2:
+        shape = tuple(benign.shape) if isinstance(benign, Tensor) else type(benign).__name__
+        raise ValueError(f"benign must be a [nb, d] tensor of benign updates (one row per client), got {shape}")
+    if not benign.is_floating_point():
+        raise ValueError(f"benign must be floating point, got dtype {benign.dtype}")
+    if benign.shape[0] < min_rows:
+        raise ValueError(
+            f"this attack needs at least {min_rows} benign update(s){why}, got {benign.shape[0]}; "
+            "give the attackers more benign rows (full knowledge, or more malicious clients)"
+        )
+
+
+def _check_num_malicious(num_malicious: int) -> None:
+    if not isinstance(num_malicious, int) or num_malicious <= 0:
+        raise ValueError(
+            f"num_malicious must be a positive int (the number of rows to craft), got {num_malicious!r}; "
+            "with no attacker, use the 'none' attack"
+        )
+
+
+# ----------------------------------------------------------------------------- simple attacks
+
+
+def gaussian(benign: Tensor, num_malicious: int, sigma: float = 1.0, generator: torch.Generator | None = None) -> Tensor:
+    """Gaussian attack: ``f`` rows drawn i.i.d. from ``N(0, sigma^2 I_d)``, ``[f, d]``.
+
+    Only the shape, dtype and device of ``benign`` are used. The draw is made on the CPU
+    ``generator`` (reproducible) and moved to ``benign.device``.
+    """
+    _check_benign(benign)
+    _check_num_malicious(num_malicious)
+    if sigma < 0:
+        raise ValueError(f"sigma is a standard deviation and must be >= 0, got {sigma}")
+    noise = torch.randn(num_malicious, benign.shape[1], generator=generator, dtype=benign.dtype)
+    return (sigma * noise).to(benign.device)
+
+
+def sign_flip(benign: Tensor, num_malicious: int, scale: float = 1.0) -> Tensor:
+    """Sign-flipping attack: every attacker sends ``-c * mean_i(B_i)`` (``c = scale``), ``[f, d]``."""
+    _check_benign(benign)
+    _check_num_malicious(num_malicious)
+    return (-scale * benign.mean(dim=0)).repeat(num_malicious, 1)
+
+
+def lie_z(num_clients: int, num_malicious: int) -> float:
+    """The LIE factor (Baruch et al., NeurIPS 2019): ``s = floor(n/2 + 1) - f``,
+    ``z = Phi^{-1}((n - s) / n)`` with ``Phi`` the standard normal CDF."""
+    n, f = num_clients, num_malicious
+    _check_num_malicious(f)
+    s = math.floor(n / 2 + 1) - f
+    if s <= 0:
+        raise ValueError(
+            f"LIE needs s = floor(n/2 + 1) - f > 0, i.e. the attackers are not a majority; got n={n}, f={f}. "
+            "Use fewer malicious clients or another attack"
+        )
+    return NormalDist().inv_cdf((n - s) / n)
+
+
+def lie(benign: Tensor, num_malicious: int, num_clients: int) -> Tensor:
+    """"A little is enough" (Baruch et al., NeurIPS 2019), ``[d]``, sent by all ``f`` attackers.
+
+    ``m_j = mu_j - z * sigma_j * sign(mu_j)`` where ``mu``, ``sigma`` are the coordinate-wise mean
+    and (unbiased) standard deviation of ``B`` over clients and ``z`` is :func:`lie_z`.
+    Direction: each coordinate moves ``z`` standard deviations *against* the sign of the benign mean
+    (towards and past zero), the stronger of the two choices; where ``mu_j = 0`` it stays ``mu_j``.
+    """
+    _check_benign(benign, 2, " to estimate the standard deviation")
+    z = lie_z(num_clients, num_malicious)
+    mu, sigma = benign.mean(dim=0), benign.std(dim=0)
+    return mu - z * sigma * mu.sign()
+
+
+# ----------------------------------------------------------------------------- Fang et al.
+
+
+def fang_trim(benign: Tensor, num_malicious: int, b: float = 2.0, generator: torch.Generator | None = None) -> Tensor:
+    """Fang et al.'s Trim attack with full knowledge (USENIX Security 2020), ``[f, d]``.
+
+    With ``s_j = sign(sum_i B_ij)``, attackers push coordinate ``j`` against ``s_j``: the target is
+    ``t_j = min_i B_ij`` if ``s_j > 0``, else ``t_j = max_i B_ij``. Each attacker ``k`` draws
+    ``m_kj`` uniformly between ``t_j`` and ``t_j * b`` (if that moves away from the benign range,
+    i.e. ``t_j < 0`` below the minimum or ``t_j > 0`` above the maximum) or ``t_j / b`` (otherwise);
+    a fresh draw per attacker and coordinate, on the CPU ``generator``.
+    """
+    _check_benign(benign)
+    _check_num_malicious(num_malicious)
+    if b < 1:
+        raise ValueError(f"b scales the benign extreme outward and must be >= 1 (Fang et al. use 2), got {b}")
+    push_down = benign.sum(dim=0) > 0
+    target = torch.where(push_down, benign.amin(dim=0), benign.amax(dim=0))
+    outward = torch.where(push_down, target < 0, target > 0)
+    far = torch.where(outward, target * b, target / b)
+    u = torch.rand(num_malicious, benign.shape[1], generator=generator, dtype=benign.dtype).to(benign.device)
+    return target + u * (far - target)
+
+
+def fang_krum_lambda0(benign: Tensor, num_malicious: int, num_clients: int) -> float:
+    """Upper bound on Fang et al.'s Krum-attack ``lambda`` (USENIX Security 2020, in update space)::
+
+        lambda0 = 1 / ((n - 2f - 1) sqrt(d)) * min_i sum_{l in Gamma(i)} ||B_i - B_l||
+                  + 1 / sqrt(d) * max_i ||B_i||
+
+    ``Gamma(i)``: the ``n - f - 2`` benign rows nearest to ``B_i`` (itself excluded), capped at the
+    ``nb - 1`` rows available (partial knowledge sees fewer benign rows).
+    """
+    n, f = num_clients, num_malicious
+    nb, d = benign.shape
+    if n - 2 * f - 1 <= 0:
+        raise ValueError(
+            f"Fang's Krum attack bounds lambda with 1/(n - 2f - 1), which needs n > 2f + 1; got n={n}, f={f}. "
+            "Krum itself assumes n > 2f + 2: use fewer malicious clients"
+        )
+    k = min(n - f - 2, nb - 1)
+    dist = torch.cdist(benign, benign).fill_diagonal_(float("inf"))
+    nearest = dist.topk(k, dim=1, largest=False).values.sum(dim=1)
+    return (nearest.min() / ((n - 2 * f - 1) * math.sqrt(d)) + benign.norm(dim=1).max() / math.sqrt(d)).item()
+
+
+def fang_krum(benign: Tensor, num_malicious: int, num_clients: int | None = None) -> Tensor:
+    """Fang et al.'s Krum attack with full knowledge (USENIX Security 2020), ``[d]``.
+
+    All ``f`` attackers send ``-lambda * s`` with ``s = sign(sum_i B_i)``. ``lambda`` starts at
+    :func:`fang_krum_lambda0` and is halved until Krum, run on the ``f`` crafted rows followed by the
+    benign rows, selects a crafted one; if ``lambda`` falls below ``1e-5`` the attackers send the
+    benign mean. ``num_clients`` (``n``) defaults to ``nb + f``.
+    """
+    from .defenses import krum_scores
+
+    _check_benign(benign, 3, " (Krum on f crafted + nb benign rows scores each by its nb - 2 nearest)")
+    _check_num_malicious(num_malicious)
+    n = benign.shape[0] + num_malicious if num_clients is None else num_clients
+    lam = fang_krum_lambda0(benign, num_malicious, n)
+    direction = benign.sum(dim=0).sign()
+    while lam >= 1e-5:
+        crafted = -lam * direction
+        stacked = torch.cat([crafted.expand(num_malicious, -1), benign])
+        if krum_scores(stacked, num_malicious).argmin().item() < num_malicious:
+            return crafted
+        lam /= 2
+    return benign.mean(dim=0)
+
+
+# ----------------------------------------------------------------------------- Min-Max / Min-Sum
+
+
+def perturbation_vector(benign: Tensor, perturbation: str = "unit_vec") -> Tensor:
+    """The perturbation ``p`` of Shejwalkar and Houmansadr (NDSS 2021), ``[d]``:
+    ``unit_vec = mean(B) / ||mean(B)||``, ``std = std(B)`` (coordinate-wise, unbiased),
+    ``sign = sign(mean(B))``."""
+    _check_benign(benign)
+    mean = benign.mean(dim=0)
+    if perturbation == "unit_vec":
+        return mean / mean.norm()
+    if perturbation == "std":
+        _check_benign(benign, 2, " to estimate the standard deviation")
+        return benign.std(dim=0)
+    if perturbation == "sign":
+        return mean.sign()
+    raise ValueError(f"unknown perturbation {perturbation!r}; choose one of {list(PERTURBATIONS)}")
+
+
+def min_max_constraint(benign: Tensor) -> Callable[[Tensor], bool]:
+    """Min-Max's constraint on a crafted ``m`` (``[d]``):
+    ``max_i ||m - B_i||^2 <= max_{i,j} ||B_i - B_j||^2``."""
+    bound = torch.cdist(benign, benign).square().max()
+    return lambda m: bool(torch.cdist(m[None], benign).square().max() <= bound)
+
+
+def min_sum_constraint(benign: Tensor, bound: str = "paper") -> Callable[[Tensor], bool]:
+    """Min-Sum's constraint on a crafted ``m`` (``[d]``):
+    ``sum_i ||m - B_i||^2 <= max_i sum_j ||B_i - B_j||^2`` (``bound="paper"``, as the paper writes it)
+    or ``<= min_i sum_j ...`` (``bound="authors_code"``, what the released code compares with; stricter)."""
+    if bound not in MIN_SUM_BOUNDS:
+        raise ValueError(f"unknown Min-Sum bound {bound!r}; choose one of {list(MIN_SUM_BOUNDS)}")
+    sums = torch.cdist(benign, benign).square().sum(dim=1)
+    limit = sums.max() if bound == "paper" else sums.min()
+    return lambda m: bool(torch.cdist(m[None], benign).square().sum() <= limit)
+
+
+def agr_agnostic_gamma(benign: Tensor, perturbation_vec: Tensor, constraint: Callable[[Tensor], bool]) -> float:
+    """The largest ``gamma`` for which ``m = mean(B) - gamma * p`` satisfies ``constraint``, found by the
+    search of Shejwalkar and Houmansadr (NDSS 2021): ``gamma = 50, step = 25, best = 0``; while
+    ``|best - gamma| > 1e-5``: if the constraint holds ``best = gamma; gamma += step`` else
+    ``gamma -= step``; then ``step /= 2``. (Its reach is ``gamma < 100``.)"""
+    mean = benign.mean(dim=0)
+    gamma, step, best = 50.0, 25.0, 0.0
+    while abs(best - gamma) > 1e-5:
+        if constraint(mean - gamma * perturbation_vec):
+            best = gamma
+            gamma += step
+        else:
+            gamma -= step
+        step /= 2
+    return best
+
+
+def min_max(benign: Tensor, perturbation: str = "unit_vec") -> Tensor:
+    """Min-Max (Shejwalkar and Houmansadr, NDSS 2021), ``[d]``, sent by all attackers:
+    ``m = mean(B) - gamma * p`` with the largest ``gamma`` (:func:`agr_agnostic_gamma`) such that
+    ``max_i ||m - B_i||^2 <= max_{i,j} ||B_i - B_j||^2``; ``p`` from :func:`perturbation_vector`."""
+    _check_benign(benign)
+    p = perturbation_vector(benign, perturbation)
+    return benign.mean(dim=0) - agr_agnostic_gamma(benign, p, min_max_constraint(benign)) * p
+
+
+def min_sum(benign: Tensor, perturbation: str = "unit_vec", bound: str = "paper") -> Tensor:
+    """Min-Sum (Shejwalkar and Houmansadr, NDSS 2021), ``[d]``, sent by all attackers:
+    ``m = mean(B) - gamma * p`` with the largest ``gamma`` such that
+    ``sum_i ||m - B_i||^2 <= max_i sum_j ||B_i - B_j||^2``. ``bound="authors_code"`` uses ``min_i``
+    on the right, as the authors' released code does (stricter); the default follows the paper."""
+    _check_benign(benign)
+    p = perturbation_vector(benign, perturbation)
+    return benign.mean(dim=0) - agr_agnostic_gamma(benign, p, min_sum_constraint(benign, bound)) * p
+
+
+# ----------------------------------------------------------------------------- data poisoning
+
+
+def flip_labels(y: Tensor, num_classes: int) -> Tensor:
+    """Label flipping: ``l -> L - 1 - l`` (``L = num_classes``); returns a new tensor."""
+    if y.is_floating_point() or y.is_complex():
+        raise ValueError(f"y must hold integer class labels, got dtype {y.dtype}")
+    if y.numel() and (y.min() < 0 or y.max() >= num_classes):
+        raise ValueError(
+            f"labels must lie in [0, {num_classes - 1}] for num_classes={num_classes}, "
+            f"got range [{y.min().item()}, {y.max().item()}]; pass the dataset's number of classes"
+        )
+    return num_classes - 1 - y
+
+
+def add_trigger(x: Tensor, *, size: int = 5, value: float | Tensor | None = None) -> Tensor:
+    """Stamp a ``size x size`` square in the bottom-right corner of ``[N, C, H, W]`` images.
+
+    ``value`` is the patch's intensity: a number, a per-channel ``[C]`` tensor, or ``None`` for "max
+    intensity", which on normalised data means the per-channel maximum of ``x`` itself. Returns a new
+    tensor; ``x`` is not modified.
+    """
+    if x.dim() != 4 or x.shape[0] == 0:
+        raise ValueError(f"x must be a non-empty [N, C, H, W] batch of images, got shape {tuple(x.shape)}")
+    channels, height, width = x.shape[1:]
+    if not 1 <= size <= min(height, width):
+        raise ValueError(f"trigger size must be in [1, {min(height, width)}] for {height}x{width} images, got {size}")
+    patch = x.amax(dim=(0, 2, 3)) if value is None else torch.as_tensor(value, dtype=x.dtype, device=x.device)
+    if patch.numel() not in (1, channels):
+        raise ValueError(f"value must be a number or one value per channel ({channels}), got {patch.numel()} values")
+    out = x.clone()
+    out[:, :, height - size :, width - size :] = patch.reshape(-1, 1, 1)
+    return out
+
+
+# ----------------------------------------------------------------------------- attack objects
+
+
+class Attack:
+    """Honest behaviour; subclasses override what they change.
+
+    ``target_class`` is set only by backdoor attacks; the simulator then measures the ASR with
+    :meth:`add_trigger`.
+    """
+
+    name: str = "none"
+    target_class: int | None = None
+
+    def poison_data(self, x: Tensor, y: Tensor, generator: torch.Generator) -> tuple[Tensor, Tensor]:
+        """Applied once, at setup, to each malicious client's local data. Honest: unchanged."""
+        return x, y
+
+    def add_trigger(self, x: Tensor) -> Tensor:
+        """The backdoor trigger; only backdoor attacks have one."""
+        raise NotImplementedError(f"the {self.name!r} attack has no trigger; only backdoor attacks stamp one")
+
+    def __call__(self, updates: Tensor, ctx: RoundContext) -> Tensor:
+        """``[n, d] -> [n, d]``; only the rows ``ctx.malicious`` may change. Honest: unchanged."""
+        return updates
+
+
+class LabelFlip(Attack):
+    """Label flipping ``l -> L - 1 - l`` on the attackers' data (:func:`flip_labels`); honest training."""
+
+    name = "label_flip"
+
+    def __init__(self, num_classes: int = 10) -> None:
+        self.num_classes = num_classes
+
+    def poison_data(self, x: Tensor, y: Tensor, generator: torch.Generator) -> tuple[Tensor, Tensor]:
+        return x, flip_labels(y, self.num_classes)
+
+
+class Backdoor(Attack):
+    """Backdoor with model replacement (Bagdasaryan et al., AISTATS 2020).
+
+    Data: the trigger (:func:`add_trigger`) is stamped on a ``share`` of each attacker's examples
+    (a seeded choice) and those are relabelled ``target_class``; the attackers train honestly on it.
+    Server side: the attackers' updates are scaled by ``n / f``, so that their share of the FedAvg
+    mean replaces the global model.
+    """
+
+    name = "backdoor"
+
+    def __init__(self, share: float = 0.5, target_class: int = 0, size: int = 5, value: float | None = None) -> None:
+        if not 0 < share <= 1:
+            raise ValueError(f"share is the fraction of an attacker's examples to poison, in (0, 1]; got {share}")
+        if target_class < 0:
+            raise ValueError(f"target_class must be a class index >= 0, got {target_class}")
+        self.share, self.target_class, self.size, self.value = share, target_class, size, value
+
+    def add_trigger(self, x: Tensor) -> Tensor:
+        return add_trigger(x, size=self.size, value=self.value)
+
+    def poison_data(self, x: Tensor, y: Tensor, generator: torch.Generator) -> tuple[Tensor, Tensor]:
+        count = round(self.share * len(y))
+        if count == 0:
+            return x, y
+        chosen = torch.randperm(len(y), generator=generator)[:count].to(y.device)
+        value = x.amax(dim=(0, 2, 3)) if self.value is None else self.value
+        x, y = x.clone(), y.clone()
+        x[chosen] = add_trigger(x[chosen], size=self.size, value=value)
+        y[chosen] = self.target_class
+        return x, y
+
+    def __call__(self, updates: Tensor, ctx: RoundContext) -> Tensor:
+        if ctx.num_malicious == 0:
+            return updates
+        mal = ctx.malicious.to(updates.device)
+        out = updates.clone()
+        out[mal] = updates[mal] * (ctx.num_clients / ctx.num_malicious)
+        return out
+
+
+_CONTEXT_ARGS = ("num_malicious", "num_clients", "generator")
+_CHOICES = {"perturbation": PERTURBATIONS, "bound": MIN_SUM_BOUNDS}  # checked at construction, not at round 1
+
+
+class ModelPoisoning(Attack):
+    """A crafting function bound to its options; the attackers' rows are replaced by its output.
+
+    ``knowledge="full"``: the function sees the honest clients' updates (``ctx.benign``);
+    ``"partial"``: only the attackers' own honest updates (``ctx.malicious``). The round's
+    ``num_malicious``, ``num_clients`` and ``generator`` are passed when the function takes them.
+    """
+
+    def __init__(self, name: str, craft: Callable[..., Tensor], *, knowledge: str = "full", **options: Any) -> None:
+        params = inspect.signature(craft).parameters
+        allowed = sorted(set(params) - {"benign", *_CONTEXT_ARGS})
+        unknown = sorted(set(options) - set(allowed))
+        if unknown:
+            raise ValueError(f"unknown option(s) {unknown} for the {name!r} attack; it accepts {allowed + ['knowledge']}")
+        if knowledge not in KNOWLEDGE:
+            raise ValueError(f"knowledge must be one of {list(KNOWLEDGE)}, got {knowledge!r}")
+        for option, choices in _CHOICES.items():
+            if option in options and options[option] not in choices:
+                raise ValueError(f"{option} must be one of {list(choices)} for the {name!r} attack, got {options[option]!r}")
+        self.name, self.craft, self.knowledge, self.options = name, craft, knowledge, options
+        self.context_args = tuple(arg for arg in _CONTEXT_ARGS if arg in params)
+
+    def __call__(self, updates: Tensor, ctx: RoundContext) -> Tensor:
+        if ctx.num_malicious == 0:
+            return updates
+        mal = ctx.malicious.to(updates.device)
+        seen = ctx.benign if self.knowledge == "full" else ctx.malicious
+        context = {arg: getattr(ctx, arg) for arg in self.context_args}
+        crafted = self.craft(updates[seen.to(updates.device)], **context, **self.options)
+        out = updates.clone()
+        out[mal] = crafted
+        return out
+
+
+ATTACKS: dict[str, Callable[..., Attack]] = {
+    "none": Attack,
+    "label_flip": LabelFlip,
+    "gaussian": partial(ModelPoisoning, "gaussian", gaussian),
+    "sign_flip": partial(ModelPoisoning, "sign_flip", sign_flip),
+    "lie": partial(ModelPoisoning, "lie", lie),
+    "fang_trim": partial(ModelPoisoning, "fang_trim", fang_trim),
+    "fang_krum": partial(ModelPoisoning, "fang_krum", fang_krum),
+    "min_max": partial(ModelPoisoning, "min_max", min_max),
+    "min_sum": partial(ModelPoisoning, "min_sum", min_sum),
+    "backdoor": Backdoor,
+}
+
+
+def make_attack(name: str, **options: Any) -> Attack:
+    """The attack ``name`` of :data:`ATTACKS` with its ``options``; clear errors for unknown ones."""
+    if name not in ATTACKS:
+        raise ValueError(f"unknown attack {name!r}; known attacks: {sorted(ATTACKS)}")
+    factory = ATTACKS[name]
+    params = inspect.signature(factory).parameters
+    takes_any = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
+    unknown = sorted(set(options) - set(params))
+    if unknown and not takes_any:  # model-poisoning factories check their options themselves
+        raise ValueError(f"unknown option(s) {unknown} for the {name!r} attack; it accepts {sorted(params)}")
+    return factory(**options)
