@@ -62,10 +62,10 @@ class Config:
     defense: str = "fedavg"
     defense_options: dict[str, Any] = field(default_factory=dict)
     local_lr: float = 0.1
-    batch_size: int = 32
+    batch_size: int = 16
     local_epochs: int = 1
     grad_clip: float | None = None
-    global_lr: float = 1.0
+    global_lr: float = 2.0
     root_steps: int | None = None
     engine: str = "loop"
     seed: int = 0
