@@ -1,0 +1,326 @@
+"""Tests of skymask_lite.skymask: the masked model, mask training, binarisation, clustering, the rule."""
+
+from __future__ import annotations
+
+import copy
+import math
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from threadpoolctl import threadpool_limits
+from torch import nn
+from torch.func import functional_call
+
+from skymask_lite import skymask as sm
+from skymask_lite.aggregation import BoundRule
+from skymask_lite.context import RoundContext
+from skymask_lite.models import FMNISTCNN, LogisticRegression, flatten_params, float_buffers, resnet20, unflatten
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny tensors gain nothing from threads, and on a shared 2-core machine intra-op threads
+    made some calls 50x slower; restore the setting after this module."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+# ---------------------------------------------------------------- masked model
+
+
+def test_masked_weights_equals_its_formula():
+    g = torch.Generator().manual_seed(0)
+    models = torch.randn(4, 7, generator=g, dtype=torch.float64)
+    logits = torch.randn(4, 7, generator=g, dtype=torch.float64)
+    expected = []
+    for j in range(7):
+        s = [1.0 / (1.0 + math.exp(-logits[i, j].item())) for i in range(4)]
+        expected.append(sum(s[i] * models[i, j].item() for i in range(4)) / sum(s))
+    torch.testing.assert_close(sm.masked_weights(models, logits), torch.tensor(expected, dtype=torch.float64))
+
+
+def test_closed_form_gradient_matches_numerical():
+    g = torch.Generator().manual_seed(1)
+    models = torch.randn(3, 5, generator=g, dtype=torch.float64, requires_grad=True)
+    logits = torch.randn(3, 5, generator=g, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(sm.masked_weights, (models, logits))
+
+
+def _distinct_models(build, k: int) -> list[nn.Module]:
+    """``k`` models of one architecture with different weights (and random BatchNorm statistics)."""
+    nets = []
+    for i in range(k):
+        with torch.random.fork_rng():
+            torch.manual_seed(100 + i)
+            net = build().double()
+        for name, buf in net.named_buffers():
+            if name.endswith("running_mean"):
+                buf.normal_()
+            elif name.endswith("running_var"):
+                buf.uniform_(0.5, 2.0)
+        nets.append(net)
+    return nets
+
+
+def _per_layer_reference(
+    template: nn.Module, nets: list[nn.Module], layer_masks: list[dict], x: torch.Tensor
+) -> torch.Tensor:
+    """The masked model built layer by layer with plain loops, run as an ordinary nn.Module."""
+    ref = copy.deepcopy(template).double().eval()
+    client_params = [dict(net.named_parameters()) for net in nets]
+    client_buffers = [float_buffers(net) for net in nets]
+    with torch.no_grad():
+        for name, param in ref.named_parameters():
+            numerator, denominator = torch.zeros_like(param), torch.zeros_like(param)
+            for params, masks in zip(client_params, layer_masks):
+                numerator += torch.sigmoid(masks[name]) * params[name]
+                denominator += torch.sigmoid(masks[name])
+            param.copy_(numerator / denominator)
+        for name, buf in ref.named_buffers():
+            if buf.is_floating_point():
+                buf.copy_(sum(b[name] for b in client_buffers) / len(nets))
+        return ref(x)
+
+
+@pytest.mark.parametrize("build, shape", [(FMNISTCNN, (1, 28, 28)), (resnet20, (3, 32, 32))])
+def test_vectorised_masked_model_equals_per_layer_reference(build, shape):
+    k = 3
+    nets = _distinct_models(build, k)
+    template = build().double().train()
+    g = torch.Generator().manual_seed(2)
+    layer_masks = [
+        {n: torch.randn(p.shape, generator=g, dtype=torch.float64) for n, p in net.named_parameters()} for net in nets
+    ]
+    logits = torch.stack([torch.cat([m.reshape(-1) for m in masks.values()]) for masks in layer_masks])
+    models = torch.stack([flatten_params(net) for net in nets])
+    buffers = {n: torch.stack([float_buffers(net)[n] for net in nets]).mean(0) for n in float_buffers(nets[0])}
+    x = torch.randn(4, *shape, generator=g, dtype=torch.float64)
+    before = float_buffers(template)
+    out = sm.masked_logits(template, models, logits, x, buffers=buffers)
+    torch.testing.assert_close(out, _per_layer_reference(template, nets, layer_masks, x))
+    assert template.training, "masked_logits must restore the template's mode"
+    assert all(torch.equal(b, float_buffers(template)[n]) for n, b in before.items()), "eval mode: no statistics update"
+
+
+def test_gradients_reach_every_mask_row():
+    nets = _distinct_models(FMNISTCNN, 3)
+    models = torch.stack([flatten_params(net) for net in nets]).float()
+    logits = torch.ones_like(models, requires_grad=True)
+    x, y = torch.randn(8, 1, 28, 28), torch.arange(8) % 10
+    F.cross_entropy(sm.masked_logits(FMNISTCNN(), models, logits, x), y).backward()
+    assert (logits.grad.abs().sum(dim=1) > 0).all()
+
+
+# ---------------------------------------------------------------- a tiny logistic-regression problem
+
+
+def _blobs(n: int, gen: torch.Generator, features: int = 10, classes: int = 4) -> tuple[torch.Tensor, torch.Tensor]:
+    """Gaussian blobs: class c centred at 3 * e_c."""
+    y = torch.randint(0, classes, (n,), generator=gen)
+    return torch.randn(n, features, generator=gen) + 3.0 * F.one_hot(y, features).float(), y
+
+
+def _local_update(
+    net: nn.Module, w: torch.Tensor, x: torch.Tensor, y: torch.Tensor, steps: int = 10, lr: float = 0.5
+) -> torch.Tensor:
+    """Full-batch gradient descent from ``w``; returns ``w_local - w``."""
+    local = w.clone().requires_grad_()
+    for _ in range(steps):
+        loss = F.cross_entropy(functional_call(net, unflatten(local, net), (x,)), y)
+        (grad,) = torch.autograd.grad(loss, local)
+        local = (local - lr * grad).detach().requires_grad_()
+    return local.detach() - w
+
+
+@pytest.fixture(scope="module")
+def problem() -> dict:
+    """8 honest clients and 3 malicious ones (sign-flipped, scaled), a root set and its update g0."""
+    gen = torch.Generator().manual_seed(0)
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        net = LogisticRegression(10, 4)
+    w = flatten_params(net)
+    honest = torch.stack([_local_update(net, w, *_blobs(50, gen)) for _ in range(8)])
+    mean = honest.mean(dim=0)
+    malicious = torch.stack([-1.0 * mean, -2.0 * mean, -4.0 * mean])
+    root_x, root_y = _blobs(100, gen)
+    return {
+        "net": net, "global_params": w, "root_x": root_x, "root_y": root_y,
+        "root_update": _local_update(net, w, root_x, root_y),
+        "updates": torch.cat([honest, malicious]), "honest": torch.arange(8),
+    }
+
+
+def _rule_args(problem: dict) -> dict:
+    return {k: problem[k] for k in ("net", "global_params", "root_x", "root_y", "root_update")}
+
+
+# ---------------------------------------------------------------- mask training
+
+
+@pytest.mark.parametrize("optimizer", ["clipped_sgd", "sign_sgd", "adam"])
+def test_train_masks_decreases_root_loss(problem, optimizer):
+    models = sm.stack_models(problem["global_params"], problem["updates"], problem["root_update"])
+    logits, losses = sm.train_masks(problem["net"], models, problem["root_x"], problem["root_y"], optimizer=optimizer)
+    assert logits.shape == models.shape and not logits.requires_grad
+    out = sm.masked_logits(problem["net"], models, logits, problem["root_x"])
+    final = F.cross_entropy(out, problem["root_y"]).item()
+    assert final < losses[0] - 0.05 and losses[-1] < losses[0]
+    if optimizer == "clipped_sgd":  # the reference step moves a logit by at most lr * clip = 1
+        assert (logits - 1.0).abs().max() <= len(losses) + 1e-4
+
+
+def test_early_stopping_on_flat_loss(problem):
+    same = problem["global_params"].expand(5, -1).clone()  # identical models: W does not depend on M
+    args = (problem["net"], same, problem["root_x"], problem["root_y"])
+    _, losses = sm.train_masks(*args, steps=20, patience=10, min_delta=1e-2)
+    assert len(losses) == 11  # stopped after 10 steps without 1e-2 improvement
+    _, losses = sm.train_masks(*args, steps=20, patience=20)
+    assert len(losses) == 20
+
+
+def test_binarize_threshold():
+    logits = torch.tensor([[-2.0, -0.01, 0.0, 0.01, 2.0]])
+    assert sm.binarize(logits).tolist() == [[False, False, False, True, True]]
+    assert sm.binarize(logits, tau=0.8).tolist() == [[False, False, False, False, True]]  # logit(0.8) = 1.39
+    assert sm.binarize(logits).dtype == torch.bool
+
+
+# ---------------------------------------------------------------- clustering
+
+
+def _groups(
+    sizes: list[int], blocks: list[tuple[int, int]], seed: int, d: int = 3000, noise: float = 0.05
+) -> torch.Tensor:
+    """Binary masks: group ``g`` = a shared random pattern with coordinates ``blocks[g]`` flipped,
+    then every bit flipped with probability ``noise``; groups stacked in order."""
+    gen = torch.Generator().manual_seed(seed)
+    base = torch.rand(d, generator=gen) < 0.7
+    rows = []
+    for size, (start, stop) in zip(sizes, blocks):
+        pattern = base.clone()
+        pattern[start:stop] = ~pattern[start:stop]
+        rows.append(pattern.expand(size, -1) ^ (torch.rand(size, d, generator=gen) < noise))
+    return torch.cat(rows)
+
+
+@pytest.mark.parametrize("root_group", ["larger", "smaller"])
+def test_cluster_masks_returns_the_roots_group(root_group):
+    masks = _groups([70, 31], [(0, 0), (0, 300)], seed=0)  # the root (last row) is in the group of 31
+    if root_group == "larger":
+        masks = masks.flip(0)  # now groups of 31 then 70, the root still last, in the group of 70
+    benign, info = sm.cluster_masks(masks)
+    expected = torch.arange(70, 100) if root_group == "smaller" else torch.arange(31, 100)
+    assert info["num_clusters"] == 2 and torch.equal(benign, expected)
+    assert info["points"].shape == (101, 2) and info["labels"].shape == (101,)
+    assert info["means"].shape == (2, 2) and info["covariances"].shape == (2, 2, 2)
+
+
+def test_cluster_masks_root_not_last():
+    masks = _groups([31, 70], [(0, 300), (0, 0)], seed=1)  # root = row 0, in the first group
+    benign, _ = sm.cluster_masks(masks, root_index=0)
+    assert torch.equal(benign, torch.arange(30))  # the other 30 members, indexed among rows 1..100
+
+
+def test_cluster_masks_one_homogeneous_group_keeps_everyone():
+    masks = _groups([101], [(0, 0)], seed=2)
+    benign, info = sm.cluster_masks(masks)
+    assert info["num_clusters"] == 1 and torch.equal(benign, torch.arange(100))
+    assert info["means"].shape == (1, 2) and info["fit2"]["means"].shape == (2, 2)
+    assert sm.cluster_masks(masks, criterion="always")[1]["num_clusters"] == 2  # the authors' code
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_cluster_masks_mild_substructure_keeps_everyone(seed):
+    """Ten subgroups of 10 (plus the root), each with its own 12 flipped bits, like non-IID label
+    groups: BIC alone prefers two components and drops honest clients; the default does not."""
+    masks = _groups([10] * 9 + [11], [(12 * j, 12 * j + 12) for j in range(10)], seed=seed)
+    benign, info = sm.cluster_masks(masks)
+    assert info["bic"][2] < info["bic"][1] and info["ashman_d"] < 8
+    assert info["num_clusters"] == 1 and torch.equal(benign, torch.arange(100))
+    assert len(sm.cluster_masks(masks, criterion="bic")[0]) < 100
+
+
+def test_cluster_masks_is_reproducible():
+    masks = _groups([60, 41], [(0, 0), (0, 200)], seed=3)
+    (b1, i1), (b2, i2) = sm.cluster_masks(masks, seed=5), sm.cluster_masks(masks, seed=5)
+    assert torch.equal(b1, b2) and torch.equal(i1["points"], i2["points"])
+    assert torch.equal(i1["labels"], i2["labels"])
+
+
+def test_pca_2d_matches_svd():
+    masks = _groups([60, 41], [(0, 0), (0, 200)], seed=4, d=500)
+    centred = masks.double().numpy() - masks.double().numpy().mean(axis=0)
+    with threadpool_limits(1):
+        u, s, _ = np.linalg.svd(centred, full_matrices=False)
+    torch.testing.assert_close(sm.pca_2d(masks).abs(), torch.from_numpy(u[:, :2] * s[:2]).abs())
+
+
+# ---------------------------------------------------------------- the rule
+
+
+# A 44-parameter model's mask gradients (median ~1e-4) are far above the reference clip (1e-7),
+# so each step moves every logit by a full 1 and 20 steps drive each coordinate to its extreme
+# model (honest masks become sparse). Three steps play the part of a CNN round, where ~98% of
+# the mask gradients are below the clip (real Fashion-MNIST, 100 clients) and logits move by
+# fractions of 1 per step.
+TINY_STEPS = 3
+
+
+def test_stack_models_adds_updates_and_puts_the_root_last(problem):
+    w, updates, g0 = problem["global_params"], problem["updates"], problem["root_update"]
+    models = sm.stack_models(w, updates, g0)
+    assert models.shape == (len(updates) + 1, len(w))
+    torch.testing.assert_close(models[:-1], w + updates)  # W_i = w + U_i, not w - lr * U_i
+    torch.testing.assert_close(models[-1], w + g0)
+
+
+def test_skymask_keeps_exactly_the_honest_clients(problem):
+    agg = sm.skymask(problem["updates"], **_rule_args(problem), steps=TINY_STEPS, return_masks=True)
+    assert torch.equal(agg.kept, problem["honest"])
+    torch.testing.assert_close(agg.update, problem["updates"][problem["honest"]].mean(dim=0))
+    assert agg.info["num_clusters"] == 2 and agg.info["masks"].shape == (12, problem["updates"].shape[1])
+    assert len(agg.info["mask_losses"]) == TINY_STEPS
+    assert agg.info["mask_seconds"] >= 0 and agg.info["cluster_seconds"] >= 0
+
+
+def test_skymask_no_attack_keeps_everyone(problem):
+    honest = problem["updates"][problem["honest"]]
+    agg = sm.skymask(honest, **_rule_args(problem), steps=TINY_STEPS)
+    assert torch.equal(agg.kept, problem["honest"]) and "masks" not in agg.info
+
+
+def test_cluster_masks_root_alone_gives_no_benign_client():
+    masks = _groups([100, 1], [(0, 0), (0, 300)], seed=0)
+    benign, info = sm.cluster_masks(masks)
+    assert info["num_clusters"] == 2 and benign.numel() == 0
+
+
+def test_skymask_empty_root_cluster_gives_zero_update(problem, monkeypatch):
+    nobody = torch.empty(0, dtype=torch.long)
+    monkeypatch.setattr(sm, "cluster_masks", lambda masks, **kw: (nobody, {"num_clusters": 2}))
+    agg = sm.skymask(problem["updates"], **_rule_args(problem))
+    assert agg.kept.numel() == 0 and torch.equal(agg.update, torch.zeros_like(problem["updates"][0]))
+
+
+def test_skymask_is_reproducible(problem):
+    a, b = (sm.skymask(problem["updates"], **_rule_args(problem), steps=TINY_STEPS, seed=3) for _ in range(2))
+    assert torch.equal(a.kept, b.kept) and torch.equal(a.update, b.update)
+    assert torch.equal(a.info["points"], b.info["points"]) and a.info["mask_losses"] == b.info["mask_losses"]
+
+
+def test_skymask_through_bound_rule(problem):
+    fields = ("net", "global_params", "global_buffers", "root_x", "root_y", "root_update")
+    rule = BoundRule(sm.skymask, fields, {"steps": TINY_STEPS})
+    ctx = RoundContext(
+        round=1, num_clients=11, num_malicious=3, malicious=torch.arange(8, 11), net=problem["net"],
+        global_params=problem["global_params"], root_x=problem["root_x"], root_y=problem["root_y"],
+        root_update=problem["root_update"],
+    )
+    assert rule.needs_root_update and torch.equal(rule(problem["updates"], ctx).kept, problem["honest"])
+    with pytest.raises(ValueError, match="root update"):
+        sm.skymask(problem["updates"], **{**_rule_args(problem), "root_update": None})
