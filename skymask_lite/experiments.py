@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any, Iterable
 
 import torch
-from tqdm.auto import tqdm
+from tqdm import tqdm
 
 from . import __version__
 from .attacks import make_attack
