@@ -412,6 +412,7 @@ class ModelPoisoning(Attack):
         return out
 
 
+#: Attack name -> factory taking the attack's options as keywords (see :func:`make_attack`).
 ATTACKS: dict[str, Callable[..., Attack]] = {
     "none": Attack,
     "label_flip": LabelFlip,

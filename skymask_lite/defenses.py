@@ -367,7 +367,7 @@ def deepsight(
 ) -> Aggregation:
     """DeepSight (Rieger et al., NDSS 2022), on the output layer (weight ``W``, bias ``b``).
 
-    1. NEUPs ``c_ik`` (:func:`_neups`) and threshold exceedings ``TE_i``; update ``i`` is
+    1. NEUPs ``c_ik`` (``_neups``) and threshold exceedings ``TE_i``; update ``i`` is
        labelled suspicious when ``TE_i < median(TE) / 2``.
     2. DDifs: ``num_seeds`` batches of ``num_samples`` standard-normal inputs (the shape of
        one ``root_x`` example; the data are normalised per channel), ``DDif_isk =
@@ -609,6 +609,7 @@ def _skymask_defense(**options: Any) -> BoundRule:
     return BoundRule(skymask, context, options)
 
 
+#: Defence name -> factory taking the rule's options as keywords (see :func:`make_defense`).
 DEFENSES: dict[str, Callable[..., Defense]] = {
     "fedavg": _bound(fedavg),
     "median": _bound(median),

@@ -318,7 +318,7 @@ def cluster_masks(
         binary_masks: ``[k, d]`` bool/0-1 masks, one of them the root's.
         root_index: the root's row (default: last).
         criterion: "ashman" (BIC prefers 2 and Ashman's D > threshold, default 8),
-            "bic_margin" ((BIC1 - BIC2) / |BIC1| > threshold, default 0.2), "bic" (BIC prefers 2)
+            "bic_margin" (``(BIC1 - BIC2) / |BIC1| > threshold``, default 0.2), "bic" (BIC prefers 2)
             or "always" (two clusters, as in the authors' code).
         threshold: overrides the criterion's default (:data:`DEFAULT_THRESHOLD`).
 
