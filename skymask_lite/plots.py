@@ -193,14 +193,19 @@ def accuracy_curves(
 # :func:`role_strips` and :func:`update_pca`.
 
 
-def _is_malicious(num_rows: int, malicious: torch.Tensor | Sequence[int]) -> np.ndarray:
-    """Boolean ``[num_rows]`` mask of the rows listed in ``malicious``."""
-    rows = torch.as_tensor(malicious, dtype=torch.long).cpu().reshape(-1)
+def _row_mask(num_rows: int, listed: torch.Tensor | Sequence[int], what: str) -> np.ndarray:
+    """Boolean ``[num_rows]`` mask of the rows listed in ``listed`` (``what`` names them in errors)."""
+    rows = torch.as_tensor(listed, dtype=torch.long).cpu().reshape(-1)
     if rows.numel() and (rows.min() < 0 or rows.max() >= num_rows):
-        raise ValueError(f"malicious row indices must lie in [0, {num_rows - 1}], got {rows.tolist()[:5]}...")
+        raise ValueError(f"{what} indices must lie in [0, {num_rows - 1}], got {rows.tolist()[:5]}...")
     mask = np.zeros(num_rows, dtype=bool)
     mask[rows.numpy()] = True
     return mask
+
+
+def _is_malicious(num_rows: int, malicious: torch.Tensor | Sequence[int]) -> np.ndarray:
+    """Boolean ``[num_rows]`` mask of the rows listed in ``malicious``."""
+    return _row_mask(num_rows, malicious, "malicious row")
 
 
 def _jitter(count: int, width: float, seed: int = 0) -> np.ndarray:
@@ -403,14 +408,7 @@ def update_pca(
 
 def _kept_mask(kept: torch.Tensor | Sequence[int] | None, n: int) -> np.ndarray:
     """Boolean ``[n]`` mask of the clients a rule kept (everybody when ``kept`` is None)."""
-    if kept is None:
-        return np.ones(n, dtype=bool)
-    rows = torch.as_tensor(kept, dtype=torch.long).cpu().reshape(-1)
-    if rows.numel() and (rows.min() < 0 or rows.max() >= n):
-        raise ValueError(f"kept client indices must lie in [0, {n - 1}], got {rows.tolist()[:5]}...")
-    mask = np.zeros(n, dtype=bool)
-    mask[rows.numpy()] = True
-    return mask
+    return np.ones(n, dtype=bool) if kept is None else _row_mask(n, kept, "kept client")
 
 
 def client_scores(
