@@ -490,6 +490,7 @@ def gap_statistic_clusters(scores: np.ndarray, *, max_k: int = 10, num_refs: int
     Scores are min-max scaled to ``[0, 1]``; ``Gap(k) = E*[log W*_k] - log W_k`` with ``W_k`` the
     k-means inertia and ``E*`` over ``num_refs`` uniform reference samples; the answer is the
     smallest ``k`` with ``Gap(k) >= Gap(k+1) - s_{k+1}``, ``s = sd(log W*) sqrt(1 + 1/num_refs)``.
+    ``k`` is capped at the number of distinct scores.
     """
     span = scores.max() - scores.min()
     if span <= 0:
@@ -497,7 +498,7 @@ def gap_statistic_clusters(scores: np.ndarray, *, max_k: int = 10, num_refs: int
     x = ((scores - scores.min()) / span)[:, None]
     rng = np.random.default_rng(random_state)
     refs = rng.uniform(size=(num_refs, *x.shape))
-    max_k = min(max_k, len(x) - 1)
+    max_k = min(max_k, len(x) - 1, len(np.unique(x)))  # k-means cannot find more clusters than points
     tiny = np.finfo(float).tiny
 
     def log_w(data: np.ndarray, k: int) -> float:

@@ -2,6 +2,7 @@
 the error messages of impossible settings."""
 
 import pickle
+import warnings
 
 import numpy as np
 import pytest
@@ -217,6 +218,14 @@ def test_gap_statistic_counts_clusters():
     assert gap_statistic_clusters(np.full(10, 0.3)) == 1
     two = np.concatenate([np.linspace(0, 0.05, 12), np.linspace(0.9, 1, 5)])
     assert gap_statistic_clusters(two, max_k=4) == 2
+
+
+def test_gap_statistic_caps_k_at_distinct_scores():
+    """Three distinct values among 20 scores: asking k-means for more clusters would warn."""
+    three = np.repeat([0.0, 0.5, 1.0], [10, 5, 5])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert gap_statistic_clusters(three, max_k=10) in (1, 2, 3)
 
 
 # ----------------------------------------------------------------------------- errors and registry
