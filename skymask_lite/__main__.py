@@ -93,7 +93,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 config.validate()
             for results in run_grid(configs, args.out_dir, progress=not args.no_progress):
                 print(json.dumps({"name": run_name(Config(**results["config"])), **results["final"]}))
-    except (ValueError, FileNotFoundError) as err:
+    except (ValueError, FileNotFoundError, FloatingPointError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     return 0

@@ -338,18 +338,24 @@ class Backdoor(Attack):
 
     Data: the trigger (:func:`add_trigger`) is stamped on a ``share`` of each attacker's examples
     (a seeded choice) and those are relabelled ``target_class``; the attackers train honestly on it.
-    Server side: the attackers' updates are scaled by ``n / f``, so that their share of the FedAvg
-    mean replaces the global model.
+    Server side: the attackers' updates ``delta`` are scaled by ``gamma`` so that their share of the
+    FedAvg step replaces the global model: ``eta * (f / n) * gamma * delta = delta`` gives
+    ``gamma = n / (f * eta)`` with ``eta`` the server's learning rate (``ctx.global_lr``). With
+    ``eta = 1`` this is the ``n / f`` of the specification; ``scale`` overrides ``gamma``.
     """
 
     name = "backdoor"
 
-    def __init__(self, share: float = 0.5, target_class: int = 0, size: int = 5, value: float | None = None) -> None:
+    def __init__(
+        self, share: float = 0.5, target_class: int = 0, size: int = 5, value: float | None = None, scale: float | None = None
+    ) -> None:
         if not 0 < share <= 1:
             raise ValueError(f"share is the fraction of an attacker's examples to poison, in (0, 1]; got {share}")
         if target_class < 0:
             raise ValueError(f"target_class must be a class index >= 0, got {target_class}")
-        self.share, self.target_class, self.size, self.value = share, target_class, size, value
+        if scale is not None and scale <= 0:
+            raise ValueError(f"scale multiplies the attackers' updates and must be > 0 (or None for n / (f * eta)); got {scale}")
+        self.share, self.target_class, self.size, self.value, self.scale = share, target_class, size, value, scale
 
     def add_trigger(self, x: Tensor) -> Tensor:
         return add_trigger(x, size=self.size, value=self.value)
@@ -368,9 +374,10 @@ class Backdoor(Attack):
     def __call__(self, updates: Tensor, ctx: RoundContext) -> Tensor:
         if ctx.num_malicious == 0:
             return updates
+        gamma = self.scale if self.scale is not None else ctx.num_clients / (ctx.num_malicious * ctx.global_lr)
         mal = ctx.malicious.to(updates.device)
         out = updates.clone()
-        out[mal] = updates[mal] * (ctx.num_clients / ctx.num_malicious)
+        out[mal] = updates[mal] * gamma
         return out
 
 

@@ -36,6 +36,7 @@ class RoundContext:
         root_update: the server's own update ``g0`` on the root data (FLTrust, SkyMask),
             or ``None`` when the defence does not need it.
         local_lr, batch_size, local_epochs: the clients' local recipe (the attacker knows it).
+        global_lr: the server's learning rate ``eta`` (a full-knowledge attacker knows it).
         num_classes: ``L``.
         generator: a seeded :class:`torch.Generator` for this round's randomness
             (attacks' draws, FLAME's noise). On the CPU.
@@ -54,6 +55,7 @@ class RoundContext:
     local_lr: float = 0.1
     batch_size: int = 32
     local_epochs: int = 1
+    global_lr: float = 1.0
     num_classes: int = 10
     generator: torch.Generator = field(default_factory=lambda: torch.Generator().manual_seed(0))
 

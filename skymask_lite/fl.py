@@ -260,6 +260,25 @@ def initial_state(fed: Federation) -> State:
     return State(torch.cat([p.detach().reshape(-1) for p in fed.net.parameters()]).clone(), float_buffers(fed.net))
 
 
+def check_local_training(updates: torch.Tensor, fed: Federation, rnd: int) -> None:
+    """Stop the run when a client's local training diverged (NaN or Inf in its update).
+
+    The simulator's policy: a diverged run is an error, never repaired or dropped silently,
+    because either choice would change what the defence under study sees.
+    """
+    finite = torch.isfinite(updates).all(dim=1)
+    if bool(finite.all()):
+        return
+    bad = torch.nonzero(~finite).flatten().tolist()
+    mal = set(fed.malicious.tolist())
+    roles = ", ".join(f"{i} ({'malicious' if i in mal else 'honest'})" for i in bad)
+    raise FloatingPointError(
+        f"round {rnd}: local training diverged for clients {roles}: their updates contain NaN or Inf. "
+        "The run stops instead of dropping or repairing them. Lower the local learning rate "
+        "(--local-lr), clip gradients (--grad-clip) or lower the server's learning rate (--global-lr)."
+    )
+
+
 def run_round(
     fed: Federation,
     state: State,
@@ -272,6 +291,7 @@ def run_round(
     rnd = state.round + 1
     seeds = [derive_seed(fed.seed, rnd, CLIENT_STREAM, i) for i in range(fed.num_clients)]
     updates, buffers = train_clients(fed.net, state.params, fed.client_data, fed.recipe, seeds, state.buffers, fed.engine)
+    check_local_training(updates, fed, rnd)
     t1 = time.perf_counter()
     ctx = RoundContext(
         round=rnd,
@@ -286,6 +306,7 @@ def run_round(
         local_lr=fed.recipe.lr,
         batch_size=fed.recipe.batch_size,
         local_epochs=fed.recipe.epochs,
+        global_lr=fed.global_lr,
         num_classes=fed.num_classes,
         generator=torch.Generator().manual_seed(derive_seed(fed.seed, rnd, ROUND_STREAM)),
     )

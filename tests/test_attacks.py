@@ -262,14 +262,30 @@ def test_backdoor_poisons_a_seeded_share():
     assert torch.equal(xp, xq) and torch.equal(yp, yq)
 
 
-def test_backdoor_scales_malicious_rows_by_n_over_f():
+def test_backdoor_scales_malicious_rows_by_n_over_f_eta():
     ctx, updates = round_context(n=12, f=3), benign_updates(nb=12, d=7)
     attack = Backdoor()
     out = attack(updates, ctx)
     torch.testing.assert_close(out[ctx.malicious], updates[ctx.malicious] * 4)
     assert torch.equal(out[ctx.benign], updates[ctx.benign])
+    ctx.global_lr = 2.0
+    torch.testing.assert_close(attack(updates, ctx)[ctx.malicious], updates[ctx.malicious] * 2)
+    torch.testing.assert_close(Backdoor(scale=3.0)(updates, ctx)[ctx.malicious], updates[ctx.malicious] * 3)
     assert attack.target_class == 0
     assert attack.add_trigger(torch.zeros(2, 1, 8, 8)).shape == (2, 1, 8, 8)
+
+
+def test_backdoor_replaces_the_global_model_under_fedavg():
+    """Model replacement: if the honest updates cancel, the server's step equals the attackers' delta."""
+    ctx = round_context(n=10, f=2)
+    ctx.global_lr = 2.0
+    delta = torch.randn(5, generator=torch.Generator().manual_seed(3))
+    updates = torch.zeros(10, 5)
+    updates[ctx.malicious] = delta
+    benign = torch.randn(8, 5, generator=torch.Generator().manual_seed(4))
+    updates[ctx.benign] = benign - benign.mean(0)
+    step = ctx.global_lr * Backdoor()(updates, ctx).mean(0)
+    torch.testing.assert_close(step, delta)
 
 
 # ----------------------------------------------------------------------------- attack objects
@@ -341,6 +357,8 @@ def test_registry_errors():
         make_attack("lie", knowledge="some")
     with pytest.raises(ValueError, match="share"):
         make_attack("backdoor", share=1.5)
+    with pytest.raises(ValueError, match="scale"):
+        make_attack("backdoor", scale=0)
     with pytest.raises(NotImplementedError, match="trigger"):
         Attack().add_trigger(torch.zeros(1, 1, 8, 8))
 

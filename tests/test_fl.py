@@ -133,6 +133,23 @@ def test_attack_must_return_n_rows():
         run_round(fed, initial_state(fed), lambda u, c: u[:3], _mean)
 
 
+def test_diverged_local_training_stops_the_run_and_names_the_clients():
+    fed = _federation(malicious=(2,))
+    state = initial_state(fed)
+    fed.client_data[2] = (fed.client_data[2][0] * float("inf"), fed.client_data[2][1])
+    with pytest.raises(FloatingPointError, match=r"round 1: .*clients 2 \(malicious\).*--grad-clip"):
+        run_round(fed, state, lambda u, c: u, _mean)
+    assert state.round == 0
+
+
+def test_the_context_tells_the_attack_the_server_learning_rate():
+    fed = _federation()
+    fed.global_lr = 2.5
+    seen = []
+    run_round(fed, initial_state(fed), lambda u, c: seen.append(c.global_lr) or u, _mean)
+    assert seen == [2.5]
+
+
 def test_root_update_is_given_only_when_asked():
     fed = _federation()
     seen = []
