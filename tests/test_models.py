@@ -57,3 +57,23 @@ def test_seeded_init_and_errors():
         make_model("vgg", "fmnist")
     with pytest.raises(ValueError, match="use 'resnet20'"):
         make_model("cnn", "cifar10")
+
+
+def test_cnn_pooling_before_relu_changes_nothing():
+    """relu(maxpool(conv)) equals the paper's maxpool(relu(conv)) bit for bit, values and gradients."""
+    import torch.nn.functional as F
+
+    net = make_model("cnn", "fmnist", seed=3)
+    x, y = torch.randn(16, 1, 28, 28, generator=torch.Generator().manual_seed(4)), torch.arange(16) % 10
+
+    def paper_order(m, x):
+        x = F.max_pool2d(F.relu(m.conv1(x)), 2)
+        x = F.max_pool2d(F.relu(m.conv2(x)), 2)
+        return m.fc2(F.relu(m.fc1(x.flatten(1))))
+
+    params = list(net.parameters())
+    ours, ref = net(x), paper_order(net, x)
+    assert torch.equal(ours, ref)
+    for a, b in zip(torch.autograd.grad(F.cross_entropy(ours, y), params),
+                    torch.autograd.grad(F.cross_entropy(ref, y), params)):
+        assert torch.equal(a, b)
