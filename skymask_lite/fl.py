@@ -7,10 +7,13 @@ One round (FedAvg, McMahan et al. AISTATS 2017, with a pluggable rule and attack
     the defence aggregates U'     -> Aggregation(update [d], kept)
     the server steps              -> w <- w + global_lr * update
 
-Two client engines compute the same updates (to float tolerance, same seeds):
+Three client engines compute the same updates (to float tolerance, same seeds):
 
-* ``"loop"``: one client after the other, plain SGD on index tensors (no DataLoader); the
-  fastest on a CPU.
+* ``"loop"``: one client after the other, plain SGD on index tensors (no DataLoader).
+* ``"parallel"``: the loop's SGD, clients spread over CPU threads (one per core), each client
+  on one core with a channels-last copy of the model; the fastest on a CPU (see
+  ``benchmarks/``). Bit-identical for any number of threads; it differs from ``"loop"`` only
+  by float rounding (another convolution kernel and one thread per client).
 * ``"batched"``: all clients at once with :func:`torch.func.vmap` over
   :func:`torch.func.grad` of a :func:`torch.func.functional_call`; the fastest on a GPU.
   Clients with fewer batches are padded with zero-weight examples, so every client's
@@ -23,8 +26,11 @@ so results do not depend on the engine or on the order clients are trained in.
 
 from __future__ import annotations
 
+import copy
 import math
+import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -39,7 +45,7 @@ from .context import RoundContext
 from .metrics import accuracy, attack_success_rate, detection_rates
 from .models import float_buffers, load_flat, unflatten
 
-ENGINES = ("loop", "batched")
+ENGINES = ("loop", "batched", "parallel")
 CLIENT_STREAM, ROUND_STREAM, ROOT_STREAM = 0, 1, 2  # independent random streams of a round
 
 
@@ -80,19 +86,24 @@ def local_sgd(
     batches: list[torch.Tensor],
     recipe: LocalRecipe,
     buffers: dict[str, torch.Tensor] | None = None,
+    channels_last: bool = False,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """SGD on ``(x, y)`` from the flat parameters ``start``; returns the update
     ``w_local - start`` (``[d]``) and the final float buffers.
 
     ``w <- w - lr * clamp(grad_w CE(f_w(x_b), y_b))`` for each batch ``b``; cross-entropy over
-    the class dimension, mean over the batch.
+    the class dimension, mean over the batch. ``channels_last`` feeds image batches in
+    channels-last memory order (for a ``net`` converted with ``.to(memory_format=...)``).
     """
     load_flat(net, start, buffers)
     net.train()
     params = list(net.parameters())
     for idx in batches:
         idx = idx.to(x.device)
-        loss = F.cross_entropy(net(x[idx]), y[idx])
+        xb = x[idx]
+        if channels_last and xb.dim() == 4:
+            xb = xb.contiguous(memory_format=torch.channels_last)
+        loss = F.cross_entropy(net(xb), y[idx])
         grads = torch.autograd.grad(loss, params)
         if recipe.grad_clip is not None:
             grads = [g.clamp_(-recipe.grad_clip, recipe.grad_clip) for g in grads]
@@ -171,6 +182,50 @@ def train_clients_batched(
     return params - global_params, {}
 
 
+def train_clients_parallel(
+    net: nn.Module,
+    global_params: torch.Tensor,
+    data: list[tuple[torch.Tensor, torch.Tensor]],
+    recipe: LocalRecipe,
+    seeds: list[int],
+    global_buffers: dict[str, torch.Tensor] | None = None,
+    workers: int | None = None,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """The loop's local SGD with clients spread over ``workers`` threads (default: the torch
+    thread count, i.e. the cores), each client on ONE core, on channels-last model copies.
+
+    Small batches (16 images) keep two cores busy badly inside one convolution; one client per
+    core keeps both busy. PyTorch releases the GIL inside its kernels. The intra-op thread count
+    is set to 1 for the call and restored after.
+    """
+    if global_params.device.type != "cpu":
+        raise ValueError(
+            f"the parallel engine spreads clients over CPU threads; the model is on {global_params.device}. "
+            "Use engine='batched' on a GPU (or 'loop')."
+        )
+    workers = workers or torch.get_num_threads()
+    local, lock = threading.local(), threading.Lock()
+
+    def one_client(i: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        if not hasattr(local, "net"):
+            with lock:
+                local.net = copy.deepcopy(net).to(memory_format=torch.channels_last)
+        x, y = data[i]
+        batches = client_batches(len(y), recipe.batch_size, recipe.epochs, torch.Generator().manual_seed(seeds[i]))
+        return local_sgd(local.net, global_params, x, y, batches, recipe, global_buffers, channels_last=True)
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        with ThreadPoolExecutor(workers) as pool:
+            results = list(pool.map(one_client, range(len(data))))
+    finally:
+        torch.set_num_threads(threads)
+    buffers = [b for _, b in results]
+    stacked = {name: torch.stack([b[name] for b in buffers]) for name in buffers[0]} if buffers[0] else {}
+    return torch.stack([u for u, _ in results]), stacked
+
+
 def train_clients(
     net: nn.Module,
     global_params: torch.Tensor,
@@ -181,7 +236,7 @@ def train_clients(
     engine: str = "loop",
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Local training of every client from ``global_params``: updates ``[n, d]`` and buffers."""
-    engines = {"loop": train_clients_loop, "batched": train_clients_batched}
+    engines = {"loop": train_clients_loop, "batched": train_clients_batched, "parallel": train_clients_parallel}
     if engine not in engines:
         raise ValueError(f"unknown engine {engine!r}; choose one of {list(ENGINES)}")
     return engines[engine](net, global_params, data, recipe, seeds, global_buffers)
