@@ -223,7 +223,9 @@ def run_experiment(
         records.append(run_round(fed, state, attack, defense))
         if ckpt_path:
             ckpt_path.parent.mkdir(parents=True, exist_ok=True)
-            torch.save({"config": config.to_dict(), "state": state, "records": records, "defense": defense}, ckpt_path)
+            partial = ckpt_path.with_suffix(".partial")  # atomic: an interrupted save leaves the old checkpoint
+            torch.save({"config": config.to_dict(), "state": state, "records": records, "defense": defense}, partial)
+            os.replace(partial, ckpt_path)
     env = environment(config.device)
     env["wall_seconds"] = time.perf_counter() - started
     results = {
