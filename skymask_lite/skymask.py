@@ -173,6 +173,23 @@ def _stalled(losses: list[float], patience: int, min_delta: float) -> bool:
     return len(losses) > patience and losses[-1 - patience] - losses[-1] < min_delta
 
 
+MASK_BLOCK = 4096
+"""Columns per block of the mask step (see :func:`train_masks`)."""
+
+
+def _to_blocks(x: torch.Tensor, block: int) -> torch.Tensor:
+    """``[k, d]`` -> ``[ceil(d / block), k, block]``, each block contiguous, the tail padded with 0."""
+    k, d = x.shape
+    nb = -(-d // block)
+    return F.pad(x, (0, nb * block - d)).view(k, nb, block).transpose(0, 1).contiguous()
+
+
+def _from_blocks(x: torch.Tensor, d: int) -> torch.Tensor:
+    """Inverse of :func:`_to_blocks`: ``[nb, k, block]`` -> ``[k, d]``."""
+    nb, k, block = x.shape
+    return x.transpose(0, 1).reshape(k, nb * block)[:, :d].contiguous()
+
+
 def train_masks(
     net: nn.Module,
     models: torch.Tensor,
@@ -187,13 +204,23 @@ def train_masks(
     grad_clip: float | None = 1e-7,
     patience: int = 10,
     min_delta: float = 1e-2,
+    block: int = MASK_BLOCK,
 ) -> tuple[torch.Tensor, list[float]]:
     """Train the mask logits ``M`` of the frozen models ``W_i`` on the root data (SkyMask, step 3).
 
     Minimises ``CE(f_W(root_x), root_y)`` (cross-entropy over classes, mean over the full root
     batch) in ``M`` only, with ``W = masked_weights(models, M)``; ``M`` starts at ``init``
-    everywhere and is ONE ``[k, d]`` leaf. Early stop: when the loss improved by less than
-    ``min_delta`` over the last ``patience`` steps (set ``patience >= steps`` to disable).
+    everywhere. Early stop: when the loss improved by less than ``min_delta`` over the last
+    ``patience`` steps (set ``patience >= steps`` to disable).
+
+    Each step is the forward and closed-form backward of :func:`masked_weights`, computed
+    block by block over ``block`` columns with preallocated buffers: a ``[k, block]`` block of
+    ``M``, ``sigmoid(M)`` and the models stays in the CPU cache between the operations of the
+    step, and no ``[k, d]`` temporary is allocated. The operations are those of
+    :func:`masked_weights` and its backward; the result equals autograd through
+    :func:`masked_logits` up to float rounding (reductions over another memory layout; see the
+    tests). On a 2-core CPU the 20 steps of 101 CNN models take about 1.1 s instead of 3.1 s
+    (``benchmarks/``). Only the ``[d]`` masked model goes through autograd and the network.
 
     Args:
         net: architecture template (its own parameters are not used).
@@ -203,6 +230,7 @@ def train_masks(
         optimizer: "clipped_sgd" (the authors': ``M -= lr * clamp(grad, -grad_clip, grad_clip)``,
             lr 1e7; use 1e8 for ResNet20), "sign_sgd" (``M -= lr * sign(grad)``, lr 1) or
             "adam" (lr 0.1). ``lr=None`` takes the default of :data:`DEFAULT_LR`.
+        block: columns per block (memory layout only; the result does not depend on it).
 
     Returns:
         ``(M, losses)``: the detached ``[k, d]`` logits and the root loss before each step
@@ -210,19 +238,40 @@ def train_masks(
         early stopping fired).
     """
     models = models.detach()
-    mask = torch.full_like(models, init, requires_grad=True)
+    k, d = models.shape
+    blocks = _to_blocks(models, block)  # [nb, k, block]; padded columns: models 0, gradient 0
+    mask = torch.full_like(blocks, init, requires_grad=True)
     opt = _make_optimizer(mask, optimizer, lr)
+    s, grad = torch.empty_like(blocks), torch.zeros_like(blocks)
+    product = torch.empty_like(blocks[0])
+    total, weights = blocks.new_empty(blocks.shape[0], block), blocks.new_empty(blocks.shape[0], block)
     losses: list[float] = []
     for _ in range(steps):
-        opt.zero_grad(set_to_none=True)
-        loss = F.cross_entropy(masked_logits(net, models, mask, root_x, buffers=buffers), root_y)
+        with torch.no_grad():  # forward of masked_weights: W = sum_i s_i W_i / sum_i s_i
+            for b in range(blocks.shape[0]):
+                torch.sigmoid(mask[b], out=s[b])
+                torch.sum(s[b], dim=0, out=total[b])
+                torch.mul(s[b], blocks[b], out=product)
+                torch.sum(product, dim=0, out=weights[b])
+                weights[b].div_(total[b])
+        w = weights.reshape(-1)[:d].clone().requires_grad_()
+        state = {**unflatten(w, net), **(buffers or {})}
+        with _eval_mode(net):
+            loss = F.cross_entropy(functional_call(net, state, (root_x,)), root_y)
         losses.append(loss.item())
         if _stalled(losses, patience, min_delta):
             break
-        loss.backward()
-        _transform_grad(mask.grad, optimizer, grad_clip)
+        (grad_w,) = torch.autograd.grad(loss, w)
+        with torch.no_grad():  # backward: dL/dM_i = s_i (1 - s_i) (W_i - W) dL/dW / S
+            scaled = F.pad(grad_w, (0, weights.numel() - d)).view_as(weights).div_(total)
+            shift = -weights * scaled
+            for b in range(blocks.shape[0]):
+                torch.addcmul(shift[b], blocks[b], scaled[b], out=grad[b])
+                torch.ops.aten.sigmoid_backward.grad_input(grad[b], s[b], grad_input=grad[b])
+        _transform_grad(grad, optimizer, grad_clip)
+        mask.grad = grad
         opt.step()
-    return mask.detach(), losses
+    return _from_blocks(mask.detach(), d), losses
 
 
 def binarize(mask_logits: torch.Tensor, tau: float = 0.5) -> torch.Tensor:
