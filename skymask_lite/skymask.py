@@ -242,9 +242,12 @@ def train_masks(
     blocks = _to_blocks(models, block)  # [nb, k, block]; padded columns: models 0, gradient 0
     mask = torch.full_like(blocks, init, requires_grad=True)
     opt = _make_optimizer(mask, optimizer, lr)
+    sgd_lr = opt.param_groups[0]["lr"] if optimizer != "adam" else None  # SGD steps are applied per block
     s, grad = torch.empty_like(blocks), torch.zeros_like(blocks)
     product = torch.empty_like(blocks[0])
     total, weights = blocks.new_empty(blocks.shape[0], block), blocks.new_empty(blocks.shape[0], block)
+    if root_x.dim() == 4:  # channels-last convolutions and pooling are faster on CPUs
+        root_x = root_x.contiguous(memory_format=torch.channels_last)
     losses: list[float] = []
     for _ in range(steps):
         with torch.no_grad():  # forward of masked_weights: W = sum_i s_i W_i / sum_i s_i
@@ -262,15 +265,18 @@ def train_masks(
         if _stalled(losses, patience, min_delta):
             break
         (grad_w,) = torch.autograd.grad(loss, w)
-        with torch.no_grad():  # backward: dL/dM_i = s_i (1 - s_i) (W_i - W) dL/dW / S
+        with torch.no_grad():  # backward: dL/dM_i = s_i (1 - s_i) (W_i - W) dL/dW / S, then the step
             scaled = F.pad(grad_w, (0, weights.numel() - d)).view_as(weights).div_(total)
             shift = -weights * scaled
             for b in range(blocks.shape[0]):
                 torch.addcmul(shift[b], blocks[b], scaled[b], out=grad[b])
                 torch.ops.aten.sigmoid_backward.grad_input(grad[b], s[b], grad_input=grad[b])
-        _transform_grad(grad, optimizer, grad_clip)
-        mask.grad = grad
-        opt.step()
+                _transform_grad(grad[b], optimizer, grad_clip)
+                if sgd_lr is not None:
+                    mask[b].add_(grad[b], alpha=-sgd_lr)
+        if sgd_lr is None:
+            mask.grad = grad
+            opt.step()
     return _from_blocks(mask.detach(), d), losses
 
 
