@@ -213,21 +213,24 @@ def run_experiment(
             return done
     torch.manual_seed(config.seed)
     fed, attack, defense = build(config, data_root)
-    state, records = initial_state(fed), []
+    state, records, earlier = initial_state(fed), [], 0.0
     if resume and ckpt_path and ckpt_path.exists():
         ckpt = torch.load(ckpt_path, map_location=config.device, weights_only=False)
         if ckpt["config"] == config.to_dict():
             state, records, defense = ckpt["state"], ckpt["records"], ckpt["defense"]
+            earlier = ckpt.get("wall_seconds", 0.0)  # time spent before the interruption
     started = time.perf_counter()
     for _ in tqdm(range(state.round, config.rounds), desc=run_name(config), disable=not progress, initial=state.round, total=config.rounds):
         records.append(run_round(fed, state, attack, defense))
         if ckpt_path:
             ckpt_path.parent.mkdir(parents=True, exist_ok=True)
             partial = ckpt_path.with_suffix(".partial")  # atomic: an interrupted save leaves the old checkpoint
-            torch.save({"config": config.to_dict(), "state": state, "records": records, "defense": defense}, partial)
+            wall = earlier + time.perf_counter() - started
+            torch.save({"config": config.to_dict(), "state": state, "records": records, "defense": defense,
+                        "wall_seconds": wall}, partial)
             os.replace(partial, ckpt_path)
     env = environment(config.device)
-    env["wall_seconds"] = time.perf_counter() - started
+    env["wall_seconds"] = earlier + time.perf_counter() - started  # all sessions of a resumed run
     results = {
         "config": config.to_dict(),
         "malicious": fed.malicious.tolist(),

@@ -47,10 +47,12 @@ def test_interrupted_run_resumes_to_the_same_result(tmp_path, monkeypatch):
     with pytest.raises(KeyboardInterrupt):
         run_experiment(config, out, progress=False)
     assert out.with_suffix(".ckpt.pt").exists() and not out.exists()
+    before = torch.load(out.with_suffix(".ckpt.pt"), weights_only=False)["wall_seconds"]
     monkeypatch.setattr(experiments, "run_round", real_round)
     resumed = run_experiment(config, out, progress=False)
     assert [r["test_acc"] for r in resumed["rounds"]] == [r["test_acc"] for r in straight["rounds"]]
     assert not out.with_suffix(".ckpt.pt").exists()
+    assert resumed["env"]["wall_seconds"] > before > 0  # the wall time of both sessions
 
 
 def test_finished_results_are_not_recomputed(tmp_path, monkeypatch):
