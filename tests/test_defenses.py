@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from skymask_lite.aggregation import Aggregation
+from skymask_lite.aggregation import Aggregation, check_updates
 from skymask_lite.context import RoundContext
 from skymask_lite.defenses import (
     DEFENSES,
@@ -245,6 +245,10 @@ def test_clear_errors_for_impossible_settings():
     bad[3, 1] = float("nan")
     with pytest.raises(ValueError, match=r"clients \[3\] contain NaN"):
         median(bad)
+    bad[3, 1], bad[0, 2], bad[0, 0] = 1.0, float("inf"), float("-inf")  # row 0 sums to NaN, row 3 is fine
+    with pytest.raises(ValueError, match=r"clients \[0\] contain NaN or Inf"):
+        median(bad)
+    check_updates(torch.full((4, 3), 3e38))  # finite entries whose row sums overflow to Inf are accepted
     with pytest.raises(ValueError, match="unknown defence 'krun'.*krum, multi_krum"):
         make_defense("krun")
 
