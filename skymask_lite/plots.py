@@ -24,6 +24,7 @@ import numpy as np
 import seaborn as sns
 import torch
 from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
 
 #: Size in inches of one-panel figures.
 FIGSIZE = (6.4, 4.0)
@@ -181,6 +182,7 @@ def accuracy_curves(
         ax.plot([r["round"] for r in records], [r[metric] for r in records], label=label, color=color,
                 linestyle=LINESTYLES[k % len(LINESTYLES)], marker="o", markersize=3)
     ax.set_xlabel("round")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # rounds are whole numbers
     ax.set_ylabel(METRIC_LABELS.get(metric, metric))
     if title:
         ax.set_title(title)

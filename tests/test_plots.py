@@ -96,6 +96,7 @@ def test_accuracy_curves_one_line_per_run():
     assert lines[0].get_linestyle() != lines[1].get_linestyle()  # coinciding curves stay visible
     assert (ax.get_xlabel(), ax.get_ylabel(), ax.get_title()) == ("round", "test accuracy", "FedAvg")
     assert _renders(fig)
+    assert all(float(t).is_integer() for t in ax.get_xticks())  # no round 2.5
 
 
 def test_accuracy_curves_other_metric_and_missing_values():
