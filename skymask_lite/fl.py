@@ -122,14 +122,20 @@ def train_clients_loop(
     global_buffers: dict[str, torch.Tensor] | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Train every client one after the other; returns updates ``[n, d]`` and buffers ``{name: [n, ...]}``."""
-    updates, buffers = [], []
+    results = []
     for (x, y), seed in zip(data, seeds):
         batches = client_batches(len(y), recipe.batch_size, recipe.epochs, torch.Generator().manual_seed(seed))
-        update, buf = local_sgd(net, global_params, x, y, batches, recipe, global_buffers)
-        updates.append(update)
-        buffers.append(buf)
+        results.append(local_sgd(net, global_params, x, y, batches, recipe, global_buffers))
+    return _stack_clients(results)
+
+
+def _stack_clients(
+    results: list[tuple[torch.Tensor, dict[str, torch.Tensor]]],
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Per-client ``(update, buffers)`` pairs -> updates ``[n, d]`` and buffers ``{name: [n, ...]}``."""
+    buffers = [b for _, b in results]
     stacked = {name: torch.stack([b[name] for b in buffers]) for name in buffers[0]} if buffers[0] else {}
-    return torch.stack(updates), stacked
+    return torch.stack([u for u, _ in results]), stacked
 
 
 def train_clients_batched(
@@ -221,9 +227,7 @@ def train_clients_parallel(
             results = list(pool.map(one_client, range(len(data))))
     finally:
         torch.set_num_threads(threads)
-    buffers = [b for _, b in results]
-    stacked = {name: torch.stack([b[name] for b in buffers]) for name in buffers[0]} if buffers[0] else {}
-    return torch.stack([u for u, _ in results]), stacked
+    return _stack_clients(results)
 
 
 def train_clients(
