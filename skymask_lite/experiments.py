@@ -152,6 +152,17 @@ def build(config: Config, data_root: str | os.PathLike | None = None):
     return fed, attack, defense
 
 
+def _cpu_name() -> str:
+    """The CPU's model name (Linux: ``/proc/cpuinfo``), else the platform's processor or machine."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
 def environment(device: str) -> dict[str, Any]:
     """Where a result was computed: versions, git commit, device, threads."""
     try:
@@ -167,7 +178,7 @@ def environment(device: str) -> dict[str, Any]:
         "torch_version": torch.__version__,
         "python_version": platform.python_version(),
         "device": device,
-        "device_name": torch.cuda.get_device_name(dev) if dev.type == "cuda" else platform.processor() or platform.machine(),
+        "device_name": torch.cuda.get_device_name(dev) if dev.type == "cuda" else _cpu_name(),
         "threads": torch.get_num_threads(),
     }
 

@@ -1,4 +1,5 @@
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -102,3 +103,12 @@ def test_cli_errors_are_clear(argv, message, capsys, tmp_path):
 def test_cuda_asked_but_absent_is_an_error(capsys):
     assert main(["run", "--device", "cuda", "--rounds", "1"]) == 2
     assert "CUDA is not available" in capsys.readouterr().err
+
+
+def test_environment_names_the_cpu_model_on_linux():
+    env = experiments.environment("cpu")
+    cpuinfo = Path("/proc/cpuinfo")
+    if cpuinfo.exists() and "model name" in cpuinfo.read_text():
+        expected = next(line for line in cpuinfo.read_text().splitlines() if line.startswith("model name"))
+        assert env["device_name"] == expected.split(":", 1)[1].strip()
+    assert env["device_name"] and env["threads"] == torch.get_num_threads()
