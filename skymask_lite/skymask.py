@@ -74,6 +74,28 @@ DEFAULT_THRESHOLD = {"ashman": 8.0, "bic_margin": 0.2, "bic": None, "always": No
 """1-vs-2-cluster criteria and their default thresholds (see the module docstring)."""
 
 
+def _masked_average_into(
+    mask_logits: torch.Tensor, models: torch.Tensor, s: torch.Tensor, total: torch.Tensor, weights: torch.Tensor,
+    product: torch.Tensor,
+) -> None:
+    """Forward of the masked average, into given buffers: ``s = sigmoid(M)``, ``S = sum_i s_i``
+    (``total``), ``W = sum_i s_i W_i / S`` (``weights``); ``product`` is ``[k, d]`` scratch."""
+    torch.sigmoid(mask_logits, out=s)
+    torch.sum(s, dim=0, out=total)
+    torch.mul(s, models, out=product)
+    torch.sum(product, dim=0, out=weights)
+    weights.div_(total)
+
+
+def _mask_grad_into(
+    models: torch.Tensor, s: torch.Tensor, shift: torch.Tensor, scaled: torch.Tensor, out: torch.Tensor
+) -> torch.Tensor:
+    """``dL/dM_i = s_i (1 - s_i) (W_i - W) dL/dW / S`` into ``out``, from ``scaled = dL/dW / S`` and
+    ``shift = -W * scaled``: one ``addcmul`` and the fused sigmoid derivative."""
+    torch.addcmul(shift, models, scaled, out=out)
+    return torch.ops.aten.sigmoid_backward.grad_input(out, s, grad_input=out)
+
+
 class _MaskedAverage(torch.autograd.Function):
     """``W = sum_i s_i W_i / S`` with ``s = sigmoid(M)``, ``S = sum_j s_j``, and its closed-form
     gradient ``dL/dM_i = s_i (1 - s_i) (W_i - W) / S * dL/dW`` (``dL/dW_i = s_i / S * dL/dW``).
@@ -86,9 +108,9 @@ class _MaskedAverage(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx: Any, models: torch.Tensor, mask_logits: torch.Tensor) -> torch.Tensor:
-        s = torch.sigmoid(mask_logits)
-        total = s.sum(dim=0)
-        weights = (s * models).sum(dim=0).div_(total)
+        s, product = torch.empty_like(models), torch.empty_like(models)
+        total, weights = models.new_empty(models.shape[1]), models.new_empty(models.shape[1])
+        _masked_average_into(mask_logits, models, s, total, weights, product)
         ctx.save_for_backward(models, s, total, weights)
         return weights
 
@@ -99,8 +121,7 @@ class _MaskedAverage(torch.autograd.Function):
         grad_models = s * scaled if ctx.needs_input_grad[0] else None
         grad_mask = None
         if ctx.needs_input_grad[1]:
-            # (W_i - W) * dL/dW / S in one pass, then the fused sigmoid derivative s (1 - s).
-            grad_mask = torch.ops.aten.sigmoid_backward(torch.addcmul(-weights * scaled, models, scaled), s)
+            grad_mask = _mask_grad_into(models, s, -weights * scaled, scaled, torch.empty_like(models))
         return grad_models, grad_mask
 
 
@@ -252,11 +273,7 @@ def train_masks(
     for _ in range(steps):
         with torch.no_grad():  # forward of masked_weights: W = sum_i s_i W_i / sum_i s_i
             for b in range(blocks.shape[0]):
-                torch.sigmoid(mask[b], out=s[b])
-                torch.sum(s[b], dim=0, out=total[b])
-                torch.mul(s[b], blocks[b], out=product)
-                torch.sum(product, dim=0, out=weights[b])
-                weights[b].div_(total[b])
+                _masked_average_into(mask[b], blocks[b], s[b], total[b], weights[b], product)
         w = weights.reshape(-1)[:d].clone().requires_grad_()
         state = {**unflatten(w, net), **(buffers or {})}
         with _eval_mode(net):
@@ -269,8 +286,7 @@ def train_masks(
             scaled = F.pad(grad_w, (0, weights.numel() - d)).view_as(weights).div_(total)
             shift = -weights * scaled
             for b in range(blocks.shape[0]):
-                torch.addcmul(shift[b], blocks[b], scaled[b], out=grad[b])
-                torch.ops.aten.sigmoid_backward.grad_input(grad[b], s[b], grad_input=grad[b])
+                _mask_grad_into(blocks[b], s[b], shift[b], scaled[b], grad[b])
                 _transform_grad(grad[b], optimizer, grad_clip)
                 if sgd_lr is not None:
                     mask[b].add_(grad[b], alpha=-sgd_lr)
