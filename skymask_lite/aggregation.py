@@ -36,6 +36,17 @@ class Aggregation:
     info: dict[str, Any] = field(default_factory=dict)
 
 
+def nonfinite_rows(updates: torch.Tensor) -> list[int]:
+    """Indices of the rows of ``[n, d]`` ``updates`` that hold a NaN or an Inf.
+
+    A NaN or Inf entry makes its row's sum NaN or Inf, so finite row sums prove every entry
+    finite with one read-only pass; only a non-finite sum (or a finite overflow) needs the exact check.
+    """
+    if bool(torch.isfinite(updates.sum(dim=1)).all()):
+        return []
+    return torch.nonzero(~torch.isfinite(updates).all(dim=1)).flatten().tolist()
+
+
 def check_updates(updates: torch.Tensor) -> None:
     """Raise a clear error unless ``updates`` is a finite floating ``[n, d]`` tensor."""
     if not isinstance(updates, torch.Tensor) or updates.dim() != 2:
@@ -45,10 +56,8 @@ def check_updates(updates: torch.Tensor) -> None:
         raise ValueError(f"updates must be floating point, got dtype {updates.dtype}")
     if updates.shape[0] == 0:
         raise ValueError("updates is empty: the server received no client update")
-    # A NaN or Inf entry makes its row's sum NaN or Inf, so finite row sums prove every entry
-    # finite with one read-only pass; only a non-finite sum (or a finite overflow) needs the exact check.
-    if not torch.isfinite(updates.sum(dim=1)).all() and not torch.isfinite(updates).all():
-        bad = torch.nonzero(~torch.isfinite(updates).all(dim=1)).flatten().tolist()
+    bad = nonfinite_rows(updates)
+    if bad:
         raise ValueError(f"updates of clients {bad} contain NaN or Inf; drop or repair them first")
 
 

@@ -40,7 +40,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call, grad, vmap
 
-from .aggregation import Aggregation
+from .aggregation import Aggregation, nonfinite_rows
 from .context import RoundContext
 from .metrics import accuracy, attack_success_rate, detection_rates
 from .models import float_buffers, load_flat, unflatten
@@ -325,10 +325,9 @@ def check_local_training(updates: torch.Tensor, fed: Federation, rnd: int) -> No
     The simulator's policy: a diverged run is an error, never repaired or dropped silently,
     because either choice would change what the defence under study sees.
     """
-    finite = torch.isfinite(updates).all(dim=1)
-    if bool(finite.all()):
+    bad = nonfinite_rows(updates)
+    if not bad:
         return
-    bad = torch.nonzero(~finite).flatten().tolist()
     mal = set(fed.malicious.tolist())
     roles = ", ".join(f"{i} ({'malicious' if i in mal else 'honest'})" for i in bad)
     raise FloatingPointError(
