@@ -3,6 +3,7 @@
 One round (FedAvg, McMahan et al. AISTATS 2017, with a pluggable rule and attack)::
 
     clients train from w          -> updates U, [n, d]  (U_i = w_i - w)
+                                     (and the server's root update g0, if the rule needs it)
     the attack rewrites rows of U -> U'                 (only the malicious rows)
     the defence aggregates U'     -> Aggregation(update [d], kept)
     the server steps              -> w <- w + global_lr * update
@@ -113,19 +114,27 @@ def local_sgd(
     return update, float_buffers(net)
 
 
+def client_schedules(data: list[tuple[torch.Tensor, torch.Tensor]], recipe: LocalRecipe, seeds: list[int]) -> list[list[torch.Tensor]]:
+    """Every client's mini-batches (:func:`client_batches`), client ``i`` drawn from ``seeds[i]``."""
+    return [
+        client_batches(len(y), recipe.batch_size, recipe.epochs, torch.Generator().manual_seed(seed))
+        for (_, y), seed in zip(data, seeds)
+    ]
+
+
 def train_clients_loop(
     net: nn.Module,
     global_params: torch.Tensor,
     data: list[tuple[torch.Tensor, torch.Tensor]],
     recipe: LocalRecipe,
-    seeds: list[int],
+    schedules: list[list[torch.Tensor]],
     global_buffers: dict[str, torch.Tensor] | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """Train every client one after the other; returns updates ``[n, d]`` and buffers ``{name: [n, ...]}``."""
-    results = []
-    for (x, y), seed in zip(data, seeds):
-        batches = client_batches(len(y), recipe.batch_size, recipe.epochs, torch.Generator().manual_seed(seed))
-        results.append(local_sgd(net, global_params, x, y, batches, recipe, global_buffers))
+    """Train every client on its mini-batches ``schedules[i]``, one after the other; returns
+    updates ``[n, d]`` and buffers ``{name: [n, ...]}``."""
+    results = [
+        local_sgd(net, global_params, x, y, batches, recipe, global_buffers) for (x, y), batches in zip(data, schedules)
+    ]
     return _stack_clients(results)
 
 
@@ -143,7 +152,7 @@ def train_clients_batched(
     global_params: torch.Tensor,
     data: list[tuple[torch.Tensor, torch.Tensor]],
     recipe: LocalRecipe,
-    seeds: list[int],
+    schedules: list[list[torch.Tensor]],
     global_buffers: dict[str, torch.Tensor] | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Train every client at once with ``vmap(grad(loss))`` over a ``[n, ...]`` stack of models."""
@@ -153,10 +162,6 @@ def train_clients_batched(
             f"models with buffers ({sorted(global_buffers)[:2]}...)"
         )
     device, n = global_params.device, len(data)
-    schedules = [
-        client_batches(len(y), recipe.batch_size, recipe.epochs, torch.Generator().manual_seed(seed))
-        for (_, y), seed in zip(data, seeds)
-    ]
     steps = max(len(s) for s in schedules)
     # index [n, steps, B] into each client's padded data, weight 0 marks padding
     index = torch.zeros(n, steps, recipe.batch_size, dtype=torch.long)
@@ -193,7 +198,7 @@ def train_clients_parallel(
     global_params: torch.Tensor,
     data: list[tuple[torch.Tensor, torch.Tensor]],
     recipe: LocalRecipe,
-    seeds: list[int],
+    schedules: list[list[torch.Tensor]],
     global_buffers: dict[str, torch.Tensor] | None = None,
     workers: int | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
@@ -217,8 +222,7 @@ def train_clients_parallel(
             with lock:
                 local.net = copy.deepcopy(net).to(memory_format=torch.channels_last)
         x, y = data[i]
-        batches = client_batches(len(y), recipe.batch_size, recipe.epochs, torch.Generator().manual_seed(seeds[i]))
-        return local_sgd(local.net, global_params, x, y, batches, recipe, global_buffers, channels_last=True)
+        return local_sgd(local.net, global_params, x, y, schedules[i], recipe, global_buffers, channels_last=True)
 
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
@@ -230,6 +234,23 @@ def train_clients_parallel(
     return _stack_clients(results)
 
 
+def train_local(
+    net: nn.Module,
+    global_params: torch.Tensor,
+    data: list[tuple[torch.Tensor, torch.Tensor]],
+    recipe: LocalRecipe,
+    schedules: list[list[torch.Tensor]],
+    global_buffers: dict[str, torch.Tensor] | None = None,
+    engine: str = "loop",
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Local SGD from ``global_params`` on every dataset ``data[i]``, with its mini-batches
+    ``schedules[i]``, by ``engine``: updates ``[m, d]`` and buffers ``{name: [m, ...]}``."""
+    engines = {"loop": train_clients_loop, "batched": train_clients_batched, "parallel": train_clients_parallel}
+    if engine not in engines:
+        raise ValueError(f"unknown engine {engine!r}; choose one of {list(ENGINES)}")
+    return engines[engine](net, global_params, data, recipe, schedules, global_buffers)
+
+
 def train_clients(
     net: nn.Module,
     global_params: torch.Tensor,
@@ -239,16 +260,21 @@ def train_clients(
     global_buffers: dict[str, torch.Tensor] | None = None,
     engine: str = "loop",
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """Local training of every client from ``global_params``: updates ``[n, d]`` and buffers."""
-    engines = {"loop": train_clients_loop, "batched": train_clients_batched, "parallel": train_clients_parallel}
-    if engine not in engines:
-        raise ValueError(f"unknown engine {engine!r}; choose one of {list(ENGINES)}")
-    return engines[engine](net, global_params, data, recipe, seeds, global_buffers)
+    """Local training of every client from ``global_params`` (client ``i``'s batch order drawn
+    from ``seeds[i]``): updates ``[n, d]`` and buffers."""
+    return train_local(net, global_params, data, recipe, client_schedules(data, recipe, seeds), global_buffers, engine)
 
 
 def root_steps_like_clients(client_sizes: list[int], recipe: LocalRecipe) -> int:
     """SGD steps of the median client: ``epochs * ceil(median size / batch_size)``."""
     return recipe.epochs * math.ceil(float(np.median(client_sizes)) / recipe.batch_size)
+
+
+def root_batches(num_examples: int, recipe: LocalRecipe, steps: int, seed: int) -> list[torch.Tensor]:
+    """The root update's mini-batches: the first ``steps`` of as many epochs over the root data
+    as needed (:func:`client_batches` from ``seed``)."""
+    epochs = math.ceil(steps * recipe.batch_size / num_examples) + 1
+    return client_batches(num_examples, recipe.batch_size, epochs, torch.Generator().manual_seed(seed))[:steps]
 
 
 def train_root(
@@ -263,8 +289,7 @@ def train_root(
 ) -> torch.Tensor:
     """The server's root update ``g0``: ``steps`` SGD steps of the clients' recipe on the root data,
     cycling through it (epoch after epoch) as often as needed."""
-    epochs = math.ceil(steps * recipe.batch_size / len(root_y)) + 1
-    batches = client_batches(len(root_y), recipe.batch_size, epochs, torch.Generator().manual_seed(seed))[:steps]
+    batches = root_batches(len(root_y), recipe, steps, seed)
     update, _ = local_sgd(net, global_params, root_x, root_y, batches, recipe, global_buffers)
     return update
 
@@ -320,7 +345,8 @@ def initial_state(fed: Federation) -> State:
 
 
 def check_local_training(updates: torch.Tensor, fed: Federation, rnd: int) -> None:
-    """Stop the run when a client's local training diverged (NaN or Inf in its update).
+    """Stop the run when local training diverged (NaN or Inf in an update): ``updates`` holds the
+    clients' rows and, when the defence needs one, the server's root update as row ``n``.
 
     The simulator's policy: a diverged run is an error, never repaired or dropped silently,
     because either choice would change what the defence under study sees.
@@ -329,7 +355,10 @@ def check_local_training(updates: torch.Tensor, fed: Federation, rnd: int) -> No
     if not bad:
         return
     mal = set(fed.malicious.tolist())
-    roles = ", ".join(f"{i} ({'malicious' if i in mal else 'honest'})" for i in bad)
+    roles = ", ".join(
+        "the server's root update" if i >= fed.num_clients else f"{i} ({'malicious' if i in mal else 'honest'})"
+        for i in bad
+    )
     raise FloatingPointError(
         f"round {rnd}: local training diverged for clients {roles}: their updates contain NaN or Inf. "
         "The run stops instead of dropping or repairing them. Lower the local learning rate "
@@ -344,12 +373,27 @@ def run_round(
     defense: Callable[[torch.Tensor, RoundContext], Aggregation],
 ) -> dict[str, Any]:
     """One round: train, attack, aggregate, step, evaluate. Mutates ``state``; returns the
-    round's record ``{round, test_acc, kept, fpr, fnr, [asr], seconds, timing}``."""
+    round's record ``{round, test_acc, kept, fpr, fnr, [asr], seconds, timing}``.
+
+    A defence that needs the server's root update ``g0`` (FLTrust, SkyMask) gets it trained by
+    the client engine, as one more local training next to the clients': it needs only the global
+    model and the root data, so a real server computes it while it waits for the clients.
+    ``timing["clients"]`` includes it; ``timing["defense"]`` is the rule alone. The attack does
+    not see ``g0``.
+    """
     t0 = time.perf_counter()
     rnd = state.round + 1
     seeds = [derive_seed(fed.seed, rnd, CLIENT_STREAM, i) for i in range(fed.num_clients)]
-    updates, buffers = train_clients(fed.net, state.params, fed.client_data, fed.recipe, seeds, state.buffers, fed.engine)
-    check_local_training(updates, fed, rnd)
+    data, schedules = fed.client_data, client_schedules(fed.client_data, fed.recipe, seeds)
+    needs_root = getattr(defense, "needs_root_update", False)
+    if needs_root:
+        steps = fed.root_steps or root_steps_like_clients([len(y) for _, y in fed.client_data], fed.recipe)
+        data = [*data, fed.root]
+        schedules = [*schedules, root_batches(len(fed.root[1]), fed.recipe, steps, derive_seed(fed.seed, rnd, ROOT_STREAM))]
+    trained, buffers = train_local(fed.net, state.params, data, fed.recipe, schedules, state.buffers, fed.engine)
+    check_local_training(trained, fed, rnd)
+    n = fed.num_clients
+    updates, buffers = trained[:n], {name: b[:n] for name, b in buffers.items()}
     t1 = time.perf_counter()
     ctx = RoundContext(
         round=rnd,
@@ -372,11 +416,8 @@ def run_round(
     if updates.shape[0] != fed.num_clients:
         raise RuntimeError(f"the attack returned {updates.shape[0]} updates; the server must receive {fed.num_clients}")
     t2 = time.perf_counter()
-    if getattr(defense, "needs_root_update", False):
-        steps = fed.root_steps or root_steps_like_clients([len(y) for _, y in fed.client_data], fed.recipe)
-        ctx.root_update = train_root(
-            fed.net, state.params, *fed.root, fed.recipe, steps, derive_seed(fed.seed, rnd, ROOT_STREAM), state.buffers
-        )
+    if needs_root:
+        ctx.root_update = trained[n]
     agg = defense(updates, ctx)
     t3 = time.perf_counter()
     state.params = state.params + fed.global_lr * agg.update

@@ -63,7 +63,7 @@ from torch import nn
 from torch.func import functional_call
 
 from .aggregation import Aggregation, check_updates
-from .models import unflatten
+from .models import channels_last, unflatten
 
 DEFAULT_LR = {"clipped_sgd": 1e7, "sign_sgd": 1.0, "adam": 0.1}
 """Mask optimisers and their default learning rates. ``clipped_sgd`` is the authors': SGD after
@@ -198,10 +198,14 @@ MASK_BLOCK = 4096
 """Columns per block of the mask step (see :func:`train_masks`)."""
 
 
+def _num_blocks(d: int, block: int) -> int:
+    return -(-d // block)
+
+
 def _to_blocks(x: torch.Tensor, block: int) -> torch.Tensor:
     """``[k, d]`` -> ``[ceil(d / block), k, block]``, each block contiguous, the tail padded with 0."""
     k, d = x.shape
-    nb = -(-d // block)
+    nb = _num_blocks(d, block)
     return F.pad(x, (0, nb * block - d)).view(k, nb, block).transpose(0, 1).contiguous()
 
 
@@ -209,6 +213,93 @@ def _from_blocks(x: torch.Tensor, d: int) -> torch.Tensor:
     """Inverse of :func:`_to_blocks`: ``[nb, k, block]`` -> ``[k, d]``."""
     nb, k, block = x.shape
     return x.transpose(0, 1).reshape(k, nb * block)[:, :d].contiguous()
+
+
+def _model_blocks(
+    global_params: torch.Tensor, updates: torch.Tensor, root_update: torch.Tensor, block: int
+) -> torch.Tensor:
+    """:func:`stack_models` written straight into the block layout of :func:`_to_blocks`: one
+    ``[nb, n+1, block]`` tensor and one pass over it, instead of the ``[n+1, d]`` models, a
+    padded copy and a transposed copy (three fresh ``[n+1, d]`` buffers, page faults included)."""
+    n, d = updates.shape
+    nb = _num_blocks(d, block)
+    full = (d // block) * block
+    blocks = updates.new_empty(nb, n + 1, block)
+    rows = blocks.transpose(0, 1)  # [n+1, nb, block], a view
+    for src, dst in ((updates, rows[:n]), (root_update.reshape(1, d), rows[n:])):
+        torch.add(global_params[:full].view(1, -1, block), src[:, :full].view(len(src), -1, block), out=dst[:, : d // block])
+        if full < d:
+            torch.add(global_params[full:], src[:, full:], out=dst[:, -1, : d - full])
+    blocks[-1, :, d - full if full < d else block :].zero_()
+    return blocks
+
+
+def _binarize_blocks(mask_blocks: torch.Tensor, d: int, tau: float) -> torch.Tensor:
+    """:func:`binarize` of the logits in block layout: ``[k, d]`` bool, block by block through
+    one ``[k, block]`` scratch buffer (no ``[k, d]`` float copy of the logits)."""
+    nb, k, block = mask_blocks.shape
+    out = torch.empty(k, d, dtype=torch.bool, device=mask_blocks.device)
+    scratch = torch.empty_like(mask_blocks[0])
+    for b in range(nb):
+        cols = min(block, d - b * block)
+        torch.gt(torch.sigmoid(mask_blocks[b], out=scratch)[:, :cols], tau, out=out[:, b * block : b * block + cols])
+    return out
+
+
+def _train_mask_blocks(
+    net: nn.Module,
+    blocks: torch.Tensor,
+    d: int,
+    root_x: torch.Tensor,
+    root_y: torch.Tensor,
+    *,
+    buffers: dict[str, torch.Tensor] | None,
+    steps: int,
+    init: float,
+    optimizer: str,
+    lr: float | None,
+    grad_clip: float | None,
+    patience: int,
+    min_delta: float,
+) -> tuple[torch.Tensor, list[float]]:
+    """:func:`train_masks` on models already in block layout ``[nb, k, block]`` (padded columns
+    0); returns the mask logits in the same layout and the losses."""
+    nb, _, block = blocks.shape
+    mask = torch.full_like(blocks, init, requires_grad=True)
+    opt = _make_optimizer(mask, optimizer, lr)
+    sgd_lr = opt.param_groups[0]["lr"] if optimizer != "adam" else None  # SGD steps are applied per block
+    s, product = torch.empty_like(blocks), torch.empty_like(blocks[0])
+    # SGD needs one block of the gradient at a time (the forward's scratch block); Adam the whole
+    grad = torch.empty_like(blocks) if sgd_lr is None else None
+    total, weights = blocks.new_empty(nb, block), blocks.new_empty(nb, block)
+    if root_x.dim() == 4:  # channels-last convolutions and pooling are faster on CPUs
+        root_x = channels_last(root_x)
+    losses: list[float] = []
+    for _ in range(steps):
+        with torch.no_grad():  # forward of masked_weights: W = sum_i s_i W_i / sum_i s_i
+            for b in range(nb):
+                _masked_average_into(mask[b], blocks[b], s[b], total[b], weights[b], product)
+        w = weights.reshape(-1)[:d].clone().requires_grad_()
+        state = {**unflatten(w, net), **(buffers or {})}
+        with _eval_mode(net):
+            loss = F.cross_entropy(functional_call(net, state, (root_x,)), root_y)
+        losses.append(loss.item())
+        if _stalled(losses, patience, min_delta):
+            break
+        (grad_w,) = torch.autograd.grad(loss, w)
+        with torch.no_grad():  # backward: dL/dM_i = s_i (1 - s_i) (W_i - W) dL/dW / S, then the step
+            scaled = F.pad(grad_w, (0, weights.numel() - d)).view_as(weights).div_(total)
+            shift = -weights * scaled
+            for b in range(nb):
+                g = product if grad is None else grad[b]
+                _mask_grad_into(blocks[b], s[b], shift[b], scaled[b], g)
+                _transform_grad(g, optimizer, grad_clip)
+                if sgd_lr is not None:
+                    mask[b].add_(g, alpha=-sgd_lr)
+        if sgd_lr is None:
+            mask.grad = grad
+            opt.step()
+    return mask.detach(), losses
 
 
 def train_masks(
@@ -239,9 +330,9 @@ def train_masks(
     ``M``, ``sigmoid(M)`` and the models stays in the CPU cache between the operations of the
     step, and no ``[k, d]`` temporary is allocated. The operations are those of
     :func:`masked_weights` and its backward; the result equals autograd through
-    :func:`masked_logits` up to float rounding (reductions over another memory layout; see the
-    tests). On a 2-core CPU the 20 steps of 101 CNN models take about 1.1 s instead of 3.1 s
-    (``benchmarks/``). Only the ``[d]`` masked model goes through autograd and the network.
+    :func:`masked_logits` up to float rounding (reductions over another memory layout, and
+    the root images fed in channels-last order, see :func:`~skymask_lite.models.channels_last`;
+    see the tests). Only the ``[d]`` masked model goes through autograd and the network.
 
     Args:
         net: architecture template (its own parameters are not used).
@@ -258,42 +349,12 @@ def train_masks(
         (``losses[t]`` after ``t`` updates; the last entry is the returned mask's loss when
         early stopping fired).
     """
-    models = models.detach()
-    k, d = models.shape
-    blocks = _to_blocks(models, block)  # [nb, k, block]; padded columns: models 0, gradient 0
-    mask = torch.full_like(blocks, init, requires_grad=True)
-    opt = _make_optimizer(mask, optimizer, lr)
-    sgd_lr = opt.param_groups[0]["lr"] if optimizer != "adam" else None  # SGD steps are applied per block
-    s, grad = torch.empty_like(blocks), torch.zeros_like(blocks)
-    product = torch.empty_like(blocks[0])
-    total, weights = blocks.new_empty(blocks.shape[0], block), blocks.new_empty(blocks.shape[0], block)
-    if root_x.dim() == 4:  # channels-last convolutions and pooling are faster on CPUs
-        root_x = root_x.contiguous(memory_format=torch.channels_last)
-    losses: list[float] = []
-    for _ in range(steps):
-        with torch.no_grad():  # forward of masked_weights: W = sum_i s_i W_i / sum_i s_i
-            for b in range(blocks.shape[0]):
-                _masked_average_into(mask[b], blocks[b], s[b], total[b], weights[b], product)
-        w = weights.reshape(-1)[:d].clone().requires_grad_()
-        state = {**unflatten(w, net), **(buffers or {})}
-        with _eval_mode(net):
-            loss = F.cross_entropy(functional_call(net, state, (root_x,)), root_y)
-        losses.append(loss.item())
-        if _stalled(losses, patience, min_delta):
-            break
-        (grad_w,) = torch.autograd.grad(loss, w)
-        with torch.no_grad():  # backward: dL/dM_i = s_i (1 - s_i) (W_i - W) dL/dW / S, then the step
-            scaled = F.pad(grad_w, (0, weights.numel() - d)).view_as(weights).div_(total)
-            shift = -weights * scaled
-            for b in range(blocks.shape[0]):
-                _mask_grad_into(blocks[b], s[b], shift[b], scaled[b], grad[b])
-                _transform_grad(grad[b], optimizer, grad_clip)
-                if sgd_lr is not None:
-                    mask[b].add_(grad[b], alpha=-sgd_lr)
-        if sgd_lr is None:
-            mask.grad = grad
-            opt.step()
-    return _from_blocks(mask.detach(), d), losses
+    d = models.shape[1]
+    mask, losses = _train_mask_blocks(
+        net, _to_blocks(models.detach(), block), d, root_x, root_y, buffers=buffers, steps=steps, init=init,
+        optimizer=optimizer, lr=lr, grad_clip=grad_clip, patience=patience, min_delta=min_delta,
+    )
+    return _from_blocks(mask, d), losses
 
 
 def binarize(mask_logits: torch.Tensor, tau: float = 0.5) -> torch.Tensor:
@@ -474,13 +535,15 @@ def skymask(
     check_updates(updates)
     if root_update is None:
         raise ValueError("SkyMask needs the server's root update g0 (root_update); compute it on the root data")
-    models = stack_models(global_params, updates, root_update)
+    d = updates.shape[1]
     start = time.perf_counter()
-    mask_logits, losses = train_masks(
-        net, models, root_x, root_y, buffers=global_buffers, steps=steps, optimizer=optimizer,
-        lr=lr, grad_clip=grad_clip, patience=patience, min_delta=min_delta,
+    mask_blocks, losses = _train_mask_blocks(
+        net, _model_blocks(global_params, updates, root_update, MASK_BLOCK), d, root_x, root_y,
+        buffers=global_buffers, steps=steps, init=1.0, optimizer=optimizer, lr=lr, grad_clip=grad_clip,
+        patience=patience, min_delta=min_delta,
     )
-    masks = binarize(mask_logits, tau)
+    masks = _binarize_blocks(mask_blocks, d, tau)
+    del mask_blocks
     middle = time.perf_counter()
     benign, info = cluster_masks(masks, seed=seed, criterion=criterion, threshold=threshold, n_init=n_init)
     end = time.perf_counter()

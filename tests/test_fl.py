@@ -3,10 +3,12 @@ import torch
 
 from skymask_lite.aggregation import Aggregation
 from skymask_lite.fl import (
-    train_clients_parallel,
+    CLIENT_STREAM,
+    ROOT_STREAM,
     Federation,
     LocalRecipe,
     client_batches,
+    client_schedules,
     derive_seed,
     initial_state,
     local_sgd,
@@ -14,6 +16,7 @@ from skymask_lite.fl import (
     root_steps_like_clients,
     run_round,
     train_clients,
+    train_clients_parallel,
     train_root,
 )
 from skymask_lite.models import flatten_params, make_model
@@ -69,8 +72,9 @@ def test_parallel_engine_agrees_with_the_loop_and_not_with_its_thread_count(mode
     w, data = flatten_params(net), _clients()
     recipe = LocalRecipe(lr=0.05, batch_size=16, epochs=2)
     seeds = [derive_seed(0, 1, 0, i) for i in range(len(data))]
-    one, _ = train_clients_parallel(net, w, data, recipe, seeds, workers=1)
-    two, _ = train_clients_parallel(net, w, data, recipe, seeds, workers=2)
+    schedules = client_schedules(data, recipe, seeds)
+    one, _ = train_clients_parallel(net, w, data, recipe, schedules, workers=1)
+    two, _ = train_clients_parallel(net, w, data, recipe, schedules, workers=2)
     assert torch.equal(flatten_params(net), w)  # the parallel engine trains copies, not the template
     loop, _ = train_clients(net, w, data, recipe, seeds, engine="loop")
     assert torch.equal(one, two)
@@ -191,17 +195,57 @@ def test_the_context_tells_the_attack_the_server_learning_rate():
     assert seen == [2.5]
 
 
+class _NeedsRoot:
+    """A rule asking for the root update; it records what it and the attack saw."""
+
+    needs_root_update = True
+
+    def __init__(self):
+        self.seen, self.attack_saw = [], []
+
+    def attack(self, updates, ctx):
+        self.attack_saw.append(ctx.root_update)
+        return updates
+
+    def __call__(self, updates, ctx):
+        self.seen.append((updates.clone(), ctx.root_update.clone()))
+        return _mean(updates, ctx)
+
+
 def test_root_update_is_given_only_when_asked():
     fed = _federation()
-    seen = []
-
-    class NeedsRoot:
-        needs_root_update = True
-
-        def __call__(self, updates, ctx):
-            seen.append(ctx.root_update)
-            return _mean(updates, ctx)
-
-    run_round(fed, initial_state(fed), lambda u, c: u, NeedsRoot())
+    rule, seen = _NeedsRoot(), []
+    run_round(fed, initial_state(fed), rule.attack, rule)
     run_round(fed, initial_state(fed), lambda u, c: u, lambda u, ctx: seen.append(ctx.root_update) or _mean(u, ctx))
-    assert seen[0] is not None and seen[0].shape == (7850,) and seen[1] is None
+    assert rule.seen[0][1].shape == (7850,) and seen == [None]
+    assert rule.attack_saw == [None]  # trained alongside the clients, but shown to the rule only
+
+
+@pytest.mark.parametrize("model", ["lr", "cnn"])
+def test_root_update_trained_with_the_clients_is_train_root(model):
+    """The loop engine trains g0 next to the clients: bit for bit train_root and train_clients.
+    The parallel engine agrees to float rounding (one core, channels-last)."""
+    for engine in ("loop", "parallel"):
+        fed, rule = _federation(engine=engine, model=model), _NeedsRoot()
+        fed.root = (torch.randn(30, 1, 28, 28, generator=torch.Generator().manual_seed(5)), torch.arange(30) % 10)
+        fed.root_steps = 3
+        state = initial_state(fed)
+        w = state.params.clone()
+        run_round(fed, state, lambda u, c: u, rule)
+        updates, g0 = rule.seen[0]
+        seeds = [derive_seed(fed.seed, 1, CLIENT_STREAM, i) for i in range(fed.num_clients)]
+        ref_updates, _ = train_clients(fed.net, w, fed.client_data, fed.recipe, seeds)
+        ref_g0 = train_root(fed.net, w, *fed.root, fed.recipe, 3, derive_seed(fed.seed, 1, ROOT_STREAM))
+        if engine == "loop":
+            assert torch.equal(g0, ref_g0) and torch.equal(updates, ref_updates)
+        else:
+            torch.testing.assert_close(g0, ref_g0, atol=1e-6, rtol=1e-4)
+            torch.testing.assert_close(updates, ref_updates, atol=1e-6, rtol=1e-4)
+        assert g0.norm() > 0
+
+
+def test_diverged_root_update_stops_the_run():
+    fed = _federation()
+    fed.root = (fed.root[0] * float("inf"), fed.root[1])
+    with pytest.raises(FloatingPointError, match="the server's root update"):
+        run_round(fed, initial_state(fed), lambda u, c: u, _NeedsRoot())

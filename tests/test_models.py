@@ -3,6 +3,7 @@ import torch
 
 from skymask_lite.models import (
     FMNISTCNN,
+    channels_last,
     float_buffers,
     flatten_params,
     load_flat,
@@ -77,3 +78,20 @@ def test_cnn_pooling_before_relu_changes_nothing():
     for a, b in zip(torch.autograd.grad(F.cross_entropy(ours, y), params),
                     torch.autograd.grad(F.cross_entropy(ref, y), params)):
         assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("channels", [1, 3])
+def test_channels_last_copies_also_one_channel_batches(channels):
+    """``contiguous(memory_format=channels_last)`` leaves a one-channel batch in NCHW strides;
+    :func:`channels_last` does not, so a convolution on it computes and returns channels-last."""
+    x = torch.randn(4, channels, 8, 8, generator=torch.Generator().manual_seed(0))
+    got = channels_last(x)
+    assert torch.equal(got, x) and got.stride() == (64 * channels, 1, 8 * channels, channels)
+    conv = torch.nn.Conv2d(channels, 5, 3)
+    out = conv(got)
+    assert out.is_contiguous(memory_format=torch.channels_last) and out.stride()[1] == 1
+    torch.testing.assert_close(out, conv(x))
+    if channels == 1:  # the case the helper exists for
+        assert conv(x.contiguous(memory_format=torch.channels_last)).stride()[1] != 1
+    with pytest.raises(ValueError, match=r"\[N, C, H, W\]"):
+        channels_last(x[0])

@@ -325,6 +325,40 @@ def test_stack_models_adds_updates_and_puts_the_root_last(problem):
     torch.testing.assert_close(models[-1], w + g0)
 
 
+@pytest.mark.parametrize("block", [5, 11, 44, 4096])
+def test_model_blocks_equal_the_stacked_models_in_block_layout(problem, block):
+    """The server builds the blocks of W_i = w + U_i (root last) in one pass; d = 44, so blocks of
+    5 leave a tail, 11 and 44 divide d exactly and 4096 is one padded block."""
+    w, updates, g0 = problem["global_params"], problem["updates"], problem["root_update"]
+    expected = sm._to_blocks(sm.stack_models(w, updates, g0), block)
+    got = sm._model_blocks(w, updates, g0, block)
+    assert got.shape == expected.shape and torch.equal(got, expected)
+
+
+@pytest.mark.parametrize("block", [5, 11, 4096])
+def test_binarize_blocks_equals_binarize(block):
+    gen = torch.Generator().manual_seed(7)
+    logits = torch.randn(9, 44, generator=gen)
+    logits[0, :6] = torch.tensor([0.0, 1e-9, -1e-9, 3e-8, 1e-6, -1e-6])  # around sigmoid(M) = 0.5
+    logits[1, :3] = torch.logit(torch.tensor([0.8, 0.8, 0.8])) + torch.tensor([0.0, 1e-6, -1e-6])
+    for tau in (0.5, 0.8):
+        got = sm._binarize_blocks(sm._to_blocks(logits, block), 44, tau)
+        assert got.dtype == torch.bool and torch.equal(got, sm.binarize(logits, tau))
+
+
+def test_skymask_equals_its_steps_chained(problem):
+    """The rule's block layout changes nothing: same masks, clusters and update as the public steps."""
+    args = _rule_args(problem)
+    agg = sm.skymask(problem["updates"], **args, steps=TINY_STEPS, return_masks=True)
+    models = sm.stack_models(problem["global_params"], problem["updates"], problem["root_update"])
+    logits, losses = sm.train_masks(args["net"], models, args["root_x"], args["root_y"],
+                                    buffers=args.get("global_buffers"), steps=TINY_STEPS)
+    masks = sm.binarize(logits)
+    benign, info = sm.cluster_masks(masks)
+    assert torch.equal(agg.info["masks"], masks) and agg.info["mask_losses"] == losses
+    assert torch.equal(agg.kept, benign) and torch.equal(agg.info["points"], info["points"])
+
+
 def test_skymask_keeps_exactly_the_honest_clients(problem):
     agg = sm.skymask(problem["updates"], **_rule_args(problem), steps=TINY_STEPS, return_masks=True)
     assert torch.equal(agg.kept, problem["honest"])
