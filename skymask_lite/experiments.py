@@ -163,18 +163,23 @@ def _cpu_name() -> str:
     return platform.processor() or platform.machine()
 
 
+def _git(*args: str) -> str:
+    """Output of ``git *args`` run in the package's directory."""
+    return subprocess.run(["git", *args], cwd=Path(__file__).parent, capture_output=True, text=True, check=True).stdout.strip()
+
+
 def environment(device: str) -> dict[str, Any]:
-    """Where a result was computed: versions, git commit, device, threads."""
+    """Where a result was computed: versions, git commit (and whether tracked files had
+    uncommitted changes, ``git_dirty``), device, threads."""
     try:
-        commit = subprocess.run(
-            ["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent, capture_output=True, text=True, check=True
-        ).stdout.strip()
+        commit, dirty = _git("rev-parse", "HEAD"), bool(_git("status", "--porcelain", "--untracked-files=no"))
     except (OSError, subprocess.CalledProcessError):
-        commit = None
+        commit = dirty = None
     dev = torch.device(device)
     return {
         "package_version": __version__,
         "git_commit": commit,
+        "git_dirty": dirty,
         "torch_version": torch.__version__,
         "python_version": platform.python_version(),
         "device": device,

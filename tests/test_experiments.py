@@ -1,4 +1,5 @@
 import json
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -103,6 +104,29 @@ def test_cli_errors_are_clear(argv, message, capsys, tmp_path):
 def test_cuda_asked_but_absent_is_an_error(capsys):
     assert main(["run", "--device", "cuda", "--rounds", "1"]) == 2
     assert "CUDA is not available" in capsys.readouterr().err
+
+
+def test_environment_records_uncommitted_changes(tmp_path, monkeypatch):
+    """git_dirty is what git says of the tracked files, and None outside a repository."""
+    calls = []
+
+    def fake_git(*args):
+        calls.append(args)
+        return {"rev-parse": "abc123", "status": " M skymask_lite/fl.py"}[args[0]]
+
+    monkeypatch.setattr(experiments, "_git", fake_git)
+    env = experiments.environment("cpu")
+    assert env["git_commit"] == "abc123" and env["git_dirty"] is True
+    assert ("status", "--porcelain", "--untracked-files=no") in calls
+    monkeypatch.setattr(experiments, "_git", lambda *a: "" if a[0] == "status" else "abc123")
+    assert experiments.environment("cpu")["git_dirty"] is False
+
+    def no_repo(*args):
+        raise subprocess.CalledProcessError(128, ["git", *args])
+
+    monkeypatch.setattr(experiments, "_git", no_repo)
+    env = experiments.environment("cpu")
+    assert env["git_commit"] is None and env["git_dirty"] is None
 
 
 def test_environment_names_the_cpu_model_on_linux():
