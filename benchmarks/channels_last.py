@@ -1,0 +1,89 @@
+"""Why SkyMask feeds its root batch through :func:`skymask_lite.models.channels_last`.
+
+For a one-channel batch ``x`` (Fashion-MNIST), ``x.contiguous(memory_format=torch.channels_last)``
+returns ``x`` unchanged: its strides fit both memory orders, PyTorch reads them as NCHW, and the
+CNN's first convolution and max-pooling run in NCHW order. ``channels_last(x)`` sets the strides
+explicitly. This script times, on 100 root-sized images (best of ``REPEATS``):
+
+* the first max-pooling of the CNN (``[100, 30, 26, 26]``) in both memory orders;
+* one forward and backward pass of the CNN on the root batch in each form, the network part of
+  one SkyMask mask step (gradient with respect to the flat parameters, as in ``train_masks``).
+
+Prints a table and writes ``benchmarks/results/channels_last.json``.
+
+Run: ``python benchmarks/channels_last.py``
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch.func import functional_call
+
+from skymask_lite.experiments import environment
+from skymask_lite.models import channels_last, flatten_params, make_model, unflatten
+
+REPEATS = 20
+RESULTS = Path(__file__).resolve().parent / "results" / "channels_last.json"
+
+
+def best_ms(fn: Callable[[], object], repeats: int = REPEATS) -> float:
+    """Best wall-clock time of ``repeats`` calls after one warm-up call, in milliseconds."""
+    fn()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return round(1e3 * min(times), 3)
+
+
+def network_step(net: torch.nn.Module, w: torch.Tensor, x: torch.Tensor, y: torch.Tensor) -> Callable[[], torch.Tensor]:
+    """Forward + backward of the network at flat parameters ``w`` (the network part of a mask step)."""
+    w = w.clone().requires_grad_()
+    net.eval()
+
+    def step() -> torch.Tensor:
+        loss = F.cross_entropy(functional_call(net, unflatten(w, net), (x,)), y)
+        return torch.autograd.grad(loss, w)[0]
+
+    return step
+
+
+def main() -> None:
+    gen = torch.Generator().manual_seed(0)
+    x, y = torch.randn(100, 1, 28, 28, generator=gen), torch.randint(0, 10, (100,), generator=gen)
+    naive, explicit = x.contiguous(memory_format=torch.channels_last), channels_last(x)
+    conv = torch.randn(100, 30, 26, 26, generator=gen)
+    conv_cl = conv.contiguous(memory_format=torch.channels_last)
+    net = make_model("cnn", "fmnist")
+    w = flatten_params(net)
+    result = {
+        "maxpool_ms": {
+            "nchw": best_ms(lambda: F.max_pool2d(conv, 2)),
+            "channels_last": best_ms(lambda: F.max_pool2d(conv_cl, 2)),
+        },
+        "network_step_ms": {
+            "contiguous(memory_format=channels_last)": best_ms(network_step(net, w, naive, y)),
+            "channels_last()": best_ms(network_step(net, w, explicit, y)),
+        },
+        "naive_is_unchanged": naive.stride() == x.stride(),
+        "env": environment("cpu"),
+    }
+    RESULTS.parent.mkdir(parents=True, exist_ok=True)
+    RESULTS.write_text(json.dumps(result, indent=1))
+    print(f"{'':45}{'ms':>8}")
+    for group in ("maxpool_ms", "network_step_ms"):
+        for name, ms in result[group].items():
+            print(f"{group.removesuffix('_ms') + ': ' + name:45}{ms:8.2f}")
+    print("x.contiguous(memory_format=channels_last) left the one-channel batch's strides unchanged:",
+          result["naive_is_unchanged"])
+
+
+if __name__ == "__main__":
+    main()
