@@ -199,6 +199,7 @@ MASK_BLOCK = 4096
 
 
 def _num_blocks(d: int, block: int) -> int:
+    """``ceil(d / block)``: the blocks of ``block`` columns that cover ``d`` columns."""
     return -(-d // block)
 
 
