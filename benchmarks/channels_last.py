@@ -7,7 +7,9 @@ explicitly. This script times, on 100 root-sized images (best of ``REPEATS``):
 
 * the first max-pooling of the CNN (``[100, 30, 26, 26]``) in both memory orders;
 * one forward and backward pass of the CNN on the root batch in each form, the network part of
-  one SkyMask mask step (gradient with respect to the flat parameters, as in ``train_masks``).
+  one SkyMask mask step (gradient with respect to the flat parameters, as in ``train_masks``);
+* evaluating the CNN on 10,000 images: NCHW in batches of 2000 (how ``fl.predict`` did it
+  before) against ``fl.predict`` (channels-last batches of 250).
 
 Prints a table and writes ``benchmarks/results/channels_last.json``.
 
@@ -26,6 +28,7 @@ import torch.nn.functional as F
 from torch.func import functional_call
 
 from skymask_lite.experiments import environment
+from skymask_lite.fl import predict
 from skymask_lite.models import channels_last, flatten_params, make_model, unflatten
 
 REPEATS = 20
@@ -55,12 +58,21 @@ def network_step(net: torch.nn.Module, w: torch.Tensor, x: torch.Tensor, y: torc
     return step
 
 
+@torch.no_grad()
+def nchw_predict(net: torch.nn.Module, w: torch.Tensor, x: torch.Tensor, batch_size: int = 2000) -> torch.Tensor:
+    """Evaluation as ``fl.predict`` did it before it fed channels-last batches."""
+    net.eval()
+    state = unflatten(w, net)
+    return torch.cat([functional_call(net, state, (xb,)).argmax(dim=1) for xb in x.split(batch_size)])
+
+
 def main() -> None:
     gen = torch.Generator().manual_seed(0)
     x, y = torch.randn(100, 1, 28, 28, generator=gen), torch.randint(0, 10, (100,), generator=gen)
     naive, explicit = x.contiguous(memory_format=torch.channels_last), channels_last(x)
     conv = torch.randn(100, 30, 26, 26, generator=gen)
     conv_cl = conv.contiguous(memory_format=torch.channels_last)
+    test_x = torch.randn(10_000, 1, 28, 28, generator=gen)
     net = make_model("cnn", "fmnist")
     w = flatten_params(net)
     result = {
@@ -72,17 +84,23 @@ def main() -> None:
             "contiguous(memory_format=channels_last)": best_ms(network_step(net, w, naive, y)),
             "channels_last()": best_ms(network_step(net, w, explicit, y)),
         },
+        "evaluation_ms": {
+            "NCHW, batches of 2000": best_ms(lambda: nchw_predict(net, w, test_x), repeats=3),
+            "fl.predict (channels-last, batches of 250)": best_ms(lambda: predict(net, w, test_x), repeats=3),
+        },
+        "same_predictions": bool(torch.equal(nchw_predict(net, w, test_x), predict(net, w, test_x))),
         "naive_is_unchanged": naive.stride() == x.stride(),
         "env": environment("cpu"),
     }
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
     RESULTS.write_text(json.dumps(result, indent=1))
     print(f"{'':56}{'ms':>8}")
-    for group in ("maxpool_ms", "network_step_ms"):
+    for group in ("maxpool_ms", "network_step_ms", "evaluation_ms"):
         for name, ms in result[group].items():
             print(f"{group.removesuffix('_ms') + ': ' + name:56}{ms:8.2f}")
     print("x.contiguous(memory_format=channels_last) left the one-channel batch's strides unchanged:",
           result["naive_is_unchanged"])
+    print("both evaluations predicted the same labels:", result["same_predictions"])
 
 
 if __name__ == "__main__":

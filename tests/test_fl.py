@@ -249,3 +249,17 @@ def test_diverged_root_update_stops_the_run():
     fed.root = (fed.root[0] * float("inf"), fed.root[1])
     with pytest.raises(FloatingPointError, match="the server's root update"):
         run_round(fed, initial_state(fed), lambda u, c: u, _NeedsRoot())
+
+
+def test_predict_agrees_with_the_model_in_nchw_order():
+    """predict feeds channels-last batches (several, with a short last one); the labels are the
+    model's own on NCHW input, and so are the logits up to float rounding."""
+    net = make_model("cnn", "fmnist", seed=4)
+    w = flatten_params(net)
+    x = torch.randn(600, 1, 28, 28, generator=torch.Generator().manual_seed(6))
+    net.eval()
+    with torch.no_grad():
+        expected = net(x).argmax(dim=1)
+    got = predict(net, w, x, batch_size=256)
+    assert got.shape == (600,) and torch.equal(got, expected)
+    assert len(set(expected.tolist())) > 1  # a constant prediction would make the check above weak
