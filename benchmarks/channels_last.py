@@ -13,11 +13,20 @@ explicitly. This script times, on 100 root-sized images (best of ``REPEATS``):
 
 Prints a table and writes ``benchmarks/results/channels_last.json``.
 
-Run: ``python benchmarks/channels_last.py``
+``--fmnist-rounds R`` instead checks, on real Fashion-MNIST, that the new evaluation changes no
+result: it trains R rounds of the committed ``data/results/attacks/`` FedAvg run under Min-Max
+(loop engine), compares every round's test accuracy with that file, and counts the test images
+where the two evaluations predict different labels (all of them, every round). It writes
+``benchmarks/results/channels_last_fmnist_check.json``. Run it with one thread, as the committed
+results were computed.
+
+Run: ``python benchmarks/channels_last.py`` and
+``OMP_NUM_THREADS=1 python benchmarks/channels_last.py --fmnist-rounds 20``
 """
 
 from __future__ import annotations
 
+import argparse
 import json
 import time
 from pathlib import Path
@@ -27,12 +36,13 @@ import torch
 import torch.nn.functional as F
 from torch.func import functional_call
 
-from skymask_lite.experiments import environment
-from skymask_lite.fl import predict
+from skymask_lite.experiments import Config, build, environment, load_results
+from skymask_lite.fl import initial_state, predict, run_round
 from skymask_lite.models import channels_last, flatten_params, make_model, unflatten
 
 REPEATS = 20
 RESULTS = Path(__file__).resolve().parent / "results" / "channels_last.json"
+CHECK = RESULTS.with_name("channels_last_fmnist_check.json")
 
 
 def best_ms(fn: Callable[[], object], repeats: int = REPEATS) -> float:
@@ -66,7 +76,37 @@ def nchw_predict(net: torch.nn.Module, w: torch.Tensor, x: torch.Tensor, batch_s
     return torch.cat([functional_call(net, state, (xb,)).argmax(dim=1) for xb in x.split(batch_size)])
 
 
+def check_fmnist_rounds(rounds: int) -> dict:
+    """Train ``rounds`` rounds of the committed FedAvg / Min-Max run; per round, its accuracy
+    against the committed file's and the number of test labels the two evaluations disagree on."""
+    folder = Path(__file__).resolve().parents[1] / "data" / "results" / "attacks"
+    (committed,) = load_results(folder, attack="min_max", defense="fedavg")
+    fed, attack, defense = build(Config(**committed["config"]))
+    state = initial_state(fed)
+    x = fed.test[0]
+    per_round = []
+    for r in range(rounds):
+        record = run_round(fed, state, attack, defense)
+        new, old = predict(fed.net, state.params, x, state.buffers), nchw_predict(fed.net, state.params, x)
+        per_round.append({"round": r + 1, "test_acc": record["test_acc"],
+                          "committed_test_acc": committed["rounds"][r]["test_acc"],
+                          "labels_that_differ": int((new != old).sum())})
+        print(per_round[-1], flush=True)
+    return {"rounds": per_round,
+            "same_accuracy_every_round": all(p["test_acc"] == p["committed_test_acc"] for p in per_round),
+            "labels_that_differ": sum(p["labels_that_differ"] for p in per_round)}
+
+
 def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--fmnist-rounds", type=int, default=0, help="check R real rounds instead (see above)")
+    args = parser.parse_args()
+    if args.fmnist_rounds:
+        check = {**check_fmnist_rounds(args.fmnist_rounds), "env": environment("cpu")}
+        CHECK.write_text(json.dumps(check, indent=1))
+        print("same test accuracy as the committed file in every round:", check["same_accuracy_every_round"])
+        print("test labels on which the two evaluations disagree, all rounds:", check["labels_that_differ"])
+        return
     gen = torch.Generator().manual_seed(0)
     x, y = torch.randn(100, 1, 28, 28, generator=gen), torch.randint(0, 10, (100,), generator=gen)
     naive, explicit = x.contiguous(memory_format=torch.channels_last), channels_last(x)
