@@ -306,7 +306,8 @@ def predict(
 
     Image batches go through :func:`~skymask_lite.models.channels_last`: on a CPU the CNN's
     convolutions and poolings then run in their channels-last kernels, and evaluating the
-    10,000 Fashion-MNIST test images takes about a third of the time (``benchmarks/``).
+    10,000 Fashion-MNIST test images takes about a fifth of the time
+    (``benchmarks/channels_last.py``).
     The logits differ from NCHW evaluation by float rounding only.
     """
     net.eval()
@@ -364,12 +365,12 @@ def check_local_training(updates: torch.Tensor, fed: Federation, rnd: int) -> No
     if not bad:
         return
     mal = set(fed.malicious.tolist())
-    roles = ", ".join(
-        "the server's root update" if i >= fed.num_clients else f"{i} ({'malicious' if i in mal else 'honest'})"
-        for i in bad
+    clients = [f"{i} ({'malicious' if i in mal else 'honest'})" for i in bad if i < fed.num_clients]
+    who = ([f"clients {', '.join(clients)}"] if clients else []) + (
+        ["the server's root update"] if bad[-1] >= fed.num_clients else []
     )
     raise FloatingPointError(
-        f"round {rnd}: local training diverged for clients {roles}: their updates contain NaN or Inf. "
+        f"round {rnd}: local training diverged for {' and '.join(who)}: their updates contain NaN or Inf. "
         "The run stops instead of dropping or repairing them. Lower the local learning rate "
         "(--local-lr), clip gradients (--grad-clip) or lower the server's learning rate (--global-lr)."
     )

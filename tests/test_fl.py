@@ -247,7 +247,10 @@ def test_root_update_trained_with_the_clients_is_train_root(model):
 def test_diverged_root_update_stops_the_run():
     fed = _federation()
     fed.root = (fed.root[0] * float("inf"), fed.root[1])
-    with pytest.raises(FloatingPointError, match="the server's root update"):
+    with pytest.raises(FloatingPointError, match="diverged for the server's root update: "):
+        run_round(fed, initial_state(fed), lambda u, c: u, _NeedsRoot())
+    fed.client_data[1] = (fed.client_data[1][0] * float("inf"), fed.client_data[1][1])
+    with pytest.raises(FloatingPointError, match=r"diverged for clients 1 \(honest\) and the server's root update: "):
         run_round(fed, initial_state(fed), lambda u, c: u, _NeedsRoot())
 
 
