@@ -1,3 +1,5 @@
+import copy
+
 import pytest
 import torch
 
@@ -246,12 +248,13 @@ def test_root_update_trained_with_the_clients_is_train_root(model):
 
 def test_diverged_root_update_stops_the_run():
     fed = _federation()
+    start = initial_state(fed)  # before any training: the loop engine trains in fed.net itself
     fed.root = (fed.root[0] * float("inf"), fed.root[1])
     with pytest.raises(FloatingPointError, match="diverged for the server's root update: "):
-        run_round(fed, initial_state(fed), lambda u, c: u, _NeedsRoot())
+        run_round(fed, copy.deepcopy(start), lambda u, c: u, _NeedsRoot())
     fed.client_data[1] = (fed.client_data[1][0] * float("inf"), fed.client_data[1][1])
     with pytest.raises(FloatingPointError, match=r"diverged for clients 1 \(honest\) and the server's root update: "):
-        run_round(fed, initial_state(fed), lambda u, c: u, _NeedsRoot())
+        run_round(fed, copy.deepcopy(start), lambda u, c: u, _NeedsRoot())
 
 
 def test_predict_agrees_with_the_model_in_nchw_order():
