@@ -226,8 +226,9 @@ def test_root_update_is_given_only_when_asked():
 @pytest.mark.parametrize("model", ["lr", "cnn"])
 def test_root_update_trained_with_the_clients_is_train_root(model):
     """The loop engine trains g0 next to the clients: bit for bit train_root and train_clients.
-    The parallel engine agrees to float rounding (one core, channels-last)."""
-    for engine in ("loop", "parallel"):
+    The parallel (one core, channels-last) and batched (vmap, padded schedules) engines agree
+    to float rounding."""
+    for engine in ("loop", "parallel", "batched"):
         fed, rule = _federation(engine=engine, model=model), _NeedsRoot()
         fed.root = (torch.randn(30, 1, 28, 28, generator=torch.Generator().manual_seed(5)), torch.arange(30) % 10)
         fed.root_steps = 3
