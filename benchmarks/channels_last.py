@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import time
 from pathlib import Path
 from typing import Callable
 
@@ -39,6 +38,7 @@ from torch.func import functional_call
 from skymask_lite.experiments import Config, build, environment, load_results
 from skymask_lite.fl import initial_state, predict, run_round
 from skymask_lite.models import channels_last, flatten_params, make_model, unflatten
+from timing import best_time
 
 REPEATS = 20
 RESULTS = Path(__file__).resolve().parent / "results" / "channels_last.json"
@@ -47,13 +47,7 @@ CHECK = RESULTS.with_name("channels_last_fmnist_check.json")
 
 def best_ms(fn: Callable[[], object], repeats: int = REPEATS) -> float:
     """Best wall-clock time of ``repeats`` calls after one warm-up call, in milliseconds."""
-    fn()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return round(1e3 * min(times), 3)
+    return round(1e3 * best_time(fn, repeats, warmup=True), 3)
 
 
 def network_step(net: torch.nn.Module, w: torch.Tensor, x: torch.Tensor, y: torch.Tensor) -> Callable[[], torch.Tensor]:

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import platform
-import time
 from pathlib import Path
 from typing import Callable
 
@@ -33,19 +32,10 @@ from skymask_lite.defenses import (
     trimmed_mean,
 )
 from skymask_lite.models import FMNISTCNN, flatten_params
+from timing import best_time
 
 REPEATS = 3
 RESULTS = Path(__file__).resolve().parent / "results" / "defenses.json"
-
-
-def best_time(fn: Callable[[], object], repeats: int = REPEATS) -> float:
-    """Best wall-clock time of ``repeats`` calls, in seconds."""
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return min(times)
 
 
 def random_updates(n: int, d: int, seed: int = 0) -> torch.Tensor:

@@ -34,7 +34,7 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader, TensorDataset
 
 from skymask_lite.experiments import Config, build, environment
-from skymask_lite.fl import initial_state, root_steps_like_clients, run_round, train_clients, train_root
+from skymask_lite.fl import initial_state, run_round, train_clients, train_root
 from skymask_lite.models import flatten_params, load_flat, make_model
 from skymask_lite.skymask import skymask
 
@@ -72,7 +72,7 @@ def dataloader_round(fed, state) -> float:
 def root_update_seconds(fed, state, repeats: int) -> float:
     """The server's root update g0 trained alone, as the server would after the updates arrive
     (fastest of ``repeats``); ``run_round`` trains it alongside the clients instead."""
-    steps = fed.root_steps or root_steps_like_clients([len(y) for _, y in fed.client_data], fed.recipe)
+    steps = fed.root_update_steps
     times = []
     for seed in range(repeats):
         start = time.perf_counter()

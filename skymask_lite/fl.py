@@ -339,6 +339,11 @@ class Federation:
     def num_clients(self) -> int:
         return len(self.client_data)
 
+    @property
+    def root_update_steps(self) -> int:
+        """SGD steps of the server's root update: ``root_steps``, or the median client's."""
+        return self.root_steps or root_steps_like_clients([len(y) for _, y in self.client_data], self.recipe)
+
 
 @dataclass
 class State:
@@ -397,9 +402,11 @@ def run_round(
     data, schedules = fed.client_data, client_schedules(fed.client_data, fed.recipe, seeds)
     needs_root = getattr(defense, "needs_root_update", False)
     if needs_root:
-        steps = fed.root_steps or root_steps_like_clients([len(y) for _, y in fed.client_data], fed.recipe)
         data = [*data, fed.root]
-        schedules = [*schedules, root_batches(len(fed.root[1]), fed.recipe, steps, derive_seed(fed.seed, rnd, ROOT_STREAM))]
+        schedules = [
+            *schedules,
+            root_batches(len(fed.root[1]), fed.recipe, fed.root_update_steps, derive_seed(fed.seed, rnd, ROOT_STREAM)),
+        ]
     trained, buffers = train_local(fed.net, state.params, data, fed.recipe, schedules, state.buffers, fed.engine)
     check_local_training(trained, fed, rnd)
     n = fed.num_clients
