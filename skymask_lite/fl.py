@@ -341,7 +341,7 @@ class Federation:
 
     @property
     def root_update_steps(self) -> int:
-        """SGD steps of the server's root update: ``root_steps``, or the median client's."""
+        """The number of SGD steps of the server's root update (``root_steps``, or the median client's)."""
         return self.root_steps or root_steps_like_clients([len(y) for _, y in self.client_data], self.recipe)
 
 
