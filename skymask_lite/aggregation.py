@@ -28,12 +28,17 @@ class Aggregation:
         kept: long tensor of the client indices whose updates were used (all of them
             for rules that select nobody, e.g. the coordinate-wise median). Detection
             metrics (FPR/FNR) are computed from it.
-        info: rule-specific diagnostics (scores, clusters, ...), for plots and tests.
+        info: rule-specific diagnostics (scores, clusters, tensors), for plots and tests.
+        stats: the rule's decision statistics, small and JSON-safe (numbers, short lists):
+            what it decided with (SkyMask's number of clusters and Ashman's D, FLTrust's trust
+            scores summarised, ...). The simulator records them in every round record as
+            ``defense_info``.
     """
 
     update: torch.Tensor
     kept: torch.Tensor
     info: dict[str, Any] = field(default_factory=dict)
+    stats: dict[str, Any] = field(default_factory=dict)
 
 
 def nonfinite_rows(updates: torch.Tensor) -> list[int]:

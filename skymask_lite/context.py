@@ -1,8 +1,9 @@
 """What an attack or an aggregation rule may see in one federated round.
 
-The simulator (:mod:`skymask_lite.fl`) builds one :class:`RoundContext` per round and
-hands it to the attack and to the defence. Neither reaches back into the simulator:
-everything the threat model allows them to know is a field here.
+The simulator (:mod:`skymask_lite.fl`) builds one :class:`RoundContext` per round with
+:func:`skymask_lite.fl.round_context` and hands it to the attack and to the defence. Neither
+reaches back into the simulator: everything the threat model allows them to know is a field here.
+Toy examples that have no federation build theirs with :func:`toy_context`.
 
 Sign convention of the whole package (one row of the ``[n, d]`` update matrix)::
 
@@ -16,6 +17,23 @@ from dataclasses import dataclass, field
 
 import torch
 from torch import nn
+
+__all__ = ["LocalRecipe", "RoundContext", "toy_context"]
+
+
+@dataclass(frozen=True)
+class LocalRecipe:
+    """Clients' local training: plain SGD, ``epochs`` passes over the local data in mini-batches
+    of ``batch_size``. The defaults are the book's Fashion-MNIST recipe (README, "Recipe").
+
+    ``grad_clip`` clamps every gradient element to ``[-grad_clip, grad_clip]`` (the authors'
+    scripts use 0.01 with ``lr = 0.5``); ``None`` disables it.
+    """
+
+    lr: float = 0.1
+    batch_size: int = 16
+    epochs: int = 1
+    grad_clip: float | None = None
 
 
 @dataclass
@@ -35,7 +53,7 @@ class RoundContext:
         root_x, root_y: the server's clean root dataset (``root_size`` examples).
         root_update: the server's own update ``g0`` on the root data (FLTrust, SkyMask),
             or ``None`` when the defence does not need it.
-        local_lr, batch_size, local_epochs: the clients' local recipe (the attacker knows it).
+        recipe: the clients' local training (:class:`LocalRecipe`; the attacker knows it).
         global_lr: the server's learning rate ``eta`` (a full-knowledge attacker knows it).
         num_classes: ``L``.
         generator: a seeded :class:`torch.Generator` for this round's randomness
@@ -52,16 +70,45 @@ class RoundContext:
     root_x: torch.Tensor | None = None
     root_y: torch.Tensor | None = None
     root_update: torch.Tensor | None = None
-    local_lr: float = 0.1
-    batch_size: int = 32
-    local_epochs: int = 1
-    global_lr: float = 1.0
+    recipe: LocalRecipe = field(default_factory=LocalRecipe)
+    global_lr: float = 2.0
     num_classes: int = 10
     generator: torch.Generator = field(default_factory=lambda: torch.Generator().manual_seed(0))
 
     @property
     def benign(self) -> torch.Tensor:
-        """Row indices of the honest clients (complement of ``malicious``)."""
-        is_mal = torch.zeros(self.num_clients, dtype=torch.bool)
-        is_mal[self.malicious.cpu()] = True
+        """Row indices of the honest clients (complement of ``malicious``), on ``malicious``' device."""
+        is_mal = torch.zeros(self.num_clients, dtype=torch.bool, device=self.malicious.device)
+        is_mal[self.malicious] = True
         return torch.nonzero(~is_mal).flatten()
+
+
+def toy_context(
+    num_clients: int,
+    num_malicious: int,
+    *,
+    global_params: torch.Tensor,
+    malicious: torch.Tensor | None = None,
+    round: int = 1,
+    global_lr: float = 2.0,
+    seed: int = 0,
+    net: nn.Module | None = None,
+) -> RoundContext:
+    """A context for updates that come from no federation (the chapters' toy examples).
+
+    The malicious clients are ``malicious`` (default: the first ``num_malicious`` rows); the
+    model template is ``net`` (default: ``nn.Identity()``, for rules and attacks that never
+    evaluate a model); the round's generator is seeded with ``seed``.
+    """
+    if malicious is None:
+        malicious = torch.arange(num_malicious, device=global_params.device)
+    return RoundContext(
+        round=round,
+        num_clients=num_clients,
+        num_malicious=num_malicious,
+        malicious=malicious,
+        net=nn.Identity() if net is None else net,
+        global_params=global_params,
+        global_lr=global_lr,
+        generator=torch.Generator().manual_seed(seed),
+    )

@@ -30,10 +30,19 @@ from . import __version__
 from .attacks import make_attack
 from .data import DATASETS, bias_split, choose_malicious, dirichlet_split, load_dataset, root_split
 from .defenses import make_defense
-from .fl import ENGINES, Federation, LocalRecipe, State, derive_seed, initial_state, run_round
+from .fl import (
+    ENGINES,
+    POISON_STREAM,
+    SUBSET_STREAM,
+    Federation,
+    LocalRecipe,
+    State,
+    derive_seed,
+    initial_state,
+    run_round,
+)
 from .models import MODELS, NUM_CLASSES, make_model
 
-POISON_STREAM = 3  # the random stream of the attackers' data poisoning (see fl.derive_seed)
 RESULTS_DIR = Path(__file__).resolve().parent.parent / "data" / "results"
 
 
@@ -122,7 +131,7 @@ def build(config: Config, data_root: str | os.PathLike | None = None):
     train, test = load_dataset(config.dataset, data_root)
     x, y = train.tensors
     if config.train_size is not None:
-        keep = torch.randperm(len(y), generator=torch.Generator().manual_seed(derive_seed(config.seed, 0, 4)))
+        keep = torch.randperm(len(y), generator=torch.Generator().manual_seed(derive_seed(config.seed, 0, SUBSET_STREAM)))
         x, y = x[keep[: config.train_size]], y[keep[: config.train_size]]
     root_idx, pool = root_split(
         y, config.root_size, num_classes=num_classes, root_bias=config.root_bias, seed=config.seed

@@ -42,26 +42,16 @@ from torch import nn
 from torch.func import functional_call, grad, vmap
 
 from .aggregation import Aggregation, nonfinite_rows
-from .context import RoundContext
+from .context import LocalRecipe, RoundContext
 from .metrics import accuracy, attack_success_rate, detection_rates
 from .models import channels_last, float_buffers, load_flat, unflatten
 
-ENGINES = ("loop", "batched", "parallel")
-CLIENT_STREAM, ROUND_STREAM, ROOT_STREAM = 0, 1, 2  # independent random streams of a round
-
-
-@dataclass(frozen=True)
-class LocalRecipe:
-    """Clients' local training: plain SGD, ``epochs`` passes over the local data.
-
-    ``grad_clip`` clamps every gradient element to ``[-grad_clip, grad_clip]`` (the authors'
-    scripts use 0.01 with ``lr = 0.5``); ``None`` disables it.
-    """
-
-    lr: float = 0.1
-    batch_size: int = 32
-    epochs: int = 1
-    grad_clip: float | None = None
+# The independent random streams of a run: fl.derive_seed(seed, round, STREAM, ...) for each.
+CLIENT_STREAM = 0  # client i's batch order in round t: (seed, t, CLIENT_STREAM, i)
+ROUND_STREAM = 1  # the round's generator (attacks' draws, FLAME's noise): (seed, t, ROUND_STREAM)
+ROOT_STREAM = 2  # the root update's batch order: (seed, t, ROOT_STREAM)
+POISON_STREAM = 3  # attacker i's data poisoning, once: (seed, 0, POISON_STREAM, i)
+SUBSET_STREAM = 4  # the training subset of Config.train_size, once: (seed, 0, SUBSET_STREAM)
 
 
 def derive_seed(seed: int, *keys: int) -> int:
@@ -234,21 +224,23 @@ def train_clients_parallel(
     return _stack_clients(results)
 
 
-def train_local(
-    net: nn.Module,
-    global_params: torch.Tensor,
-    data: list[tuple[torch.Tensor, torch.Tensor]],
-    recipe: LocalRecipe,
-    schedules: list[list[torch.Tensor]],
-    global_buffers: dict[str, torch.Tensor] | None = None,
-    engine: str = "loop",
-) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """Local SGD from ``global_params`` on every dataset ``data[i]``, with its mini-batches
-    ``schedules[i]``, by ``engine``: updates ``[m, d]`` and buffers ``{name: [m, ...]}``."""
-    engines = {"loop": train_clients_loop, "batched": train_clients_batched, "parallel": train_clients_parallel}
-    if engine not in engines:
-        raise ValueError(f"unknown engine {engine!r}; choose one of {list(ENGINES)}")
-    return engines[engine](net, global_params, data, recipe, schedules, global_buffers)
+ENGINES: dict[str, Callable[..., tuple[torch.Tensor, dict[str, torch.Tensor]]]] = {
+    "loop": train_clients_loop,
+    "batched": train_clients_batched,
+    "parallel": train_clients_parallel,
+}
+"""The client engines by name: ``engine(net, global_params, data, recipe, schedules, global_buffers)``
+returns updates ``[m, d]`` and buffers ``{name: [m, ...]}``. ``"auto"`` is :func:`resolve_engine`'s."""
+
+
+def resolve_engine(engine: str, device: str | torch.device) -> str:
+    """The engine that runs: ``engine`` itself, or for ``"auto"`` the fastest one on ``device``
+    (``"batched"`` on a GPU, ``"parallel"`` on a CPU)."""
+    if engine == "auto":
+        return "parallel" if torch.device(device).type == "cpu" else "batched"
+    if engine not in ENGINES:
+        raise ValueError(f"unknown engine {engine!r}; choose one of {['auto', *ENGINES]}")
+    return engine
 
 
 def train_clients(
@@ -261,8 +253,9 @@ def train_clients(
     engine: str = "loop",
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Local training of every client from ``global_params`` (client ``i``'s batch order drawn
-    from ``seeds[i]``): updates ``[n, d]`` and buffers."""
-    return train_local(net, global_params, data, recipe, client_schedules(data, recipe, seeds), global_buffers, engine)
+    from ``seeds[i]``, :func:`client_schedules`) by ``engine``: updates ``[n, d]`` and buffers."""
+    train = ENGINES[resolve_engine(engine, global_params.device)]
+    return train(net, global_params, data, recipe, client_schedules(data, recipe, seeds), global_buffers)
 
 
 def root_steps_like_clients(client_sizes: list[int], recipe: LocalRecipe) -> int:
@@ -381,38 +374,38 @@ def check_local_training(updates: torch.Tensor, fed: Federation, rnd: int) -> No
     )
 
 
-def run_round(
-    fed: Federation,
-    state: State,
-    attack: Callable[[torch.Tensor, RoundContext], torch.Tensor],
-    defense: Callable[[torch.Tensor, RoundContext], Aggregation],
-) -> dict[str, Any]:
-    """One round: train, attack, aggregate, step, evaluate. Mutates ``state``; returns the
-    round's record ``{round, test_acc, kept, fpr, fnr, [asr], seconds, timing}``.
+def round_updates(
+    fed: Federation, state: State, with_root_update: bool = False
+) -> tuple[torch.Tensor, dict[str, torch.Tensor], torch.Tensor | None]:
+    """The honest updates of round ``state.round + 1`` and, with ``with_root_update``, the
+    server's root update ``g0``: ``(updates [n, d], buffers {name: [n, ...]}, g0 [d] or None)``.
 
-    A defence that needs the server's root update ``g0`` (FLTrust, SkyMask) gets it trained by
-    the client engine, as one more local training next to the clients': it needs only the global
-    model and the root data, so a real server computes it while it waits for the clients.
-    ``timing["clients"]`` includes it; ``timing["defense"]`` is the rule alone. The attack does
-    not see ``g0``.
+    Client ``i`` trains on its batches drawn from ``(seed, round, CLIENT_STREAM, i)``; ``g0`` is
+    ``fed.root_update_steps`` steps on the root data drawn from ``(seed, round, ROOT_STREAM)``
+    (:func:`root_batches`), trained by the same engine as one more local training: it needs only
+    the global model and the root data, so a real server computes it while it waits. Diverged
+    training stops the run (:func:`check_local_training`).
     """
-    t0 = time.perf_counter()
     rnd = state.round + 1
     seeds = [derive_seed(fed.seed, rnd, CLIENT_STREAM, i) for i in range(fed.num_clients)]
     data, schedules = fed.client_data, client_schedules(fed.client_data, fed.recipe, seeds)
-    needs_root = getattr(defense, "needs_root_update", False)
-    if needs_root:
+    if with_root_update:
+        root_seed = derive_seed(fed.seed, rnd, ROOT_STREAM)
         data = [*data, fed.root]
-        schedules = [
-            *schedules,
-            root_batches(len(fed.root[1]), fed.recipe, fed.root_update_steps, derive_seed(fed.seed, rnd, ROOT_STREAM)),
-        ]
-    trained, buffers = train_local(fed.net, state.params, data, fed.recipe, schedules, state.buffers, fed.engine)
+        schedules = [*schedules, root_batches(len(fed.root[1]), fed.recipe, fed.root_update_steps, root_seed)]
+    engine = ENGINES[resolve_engine(fed.engine, state.params.device)]
+    trained, buffers = engine(fed.net, state.params, data, fed.recipe, schedules, state.buffers)
     check_local_training(trained, fed, rnd)
     n = fed.num_clients
-    updates, buffers = trained[:n], {name: b[:n] for name, b in buffers.items()}
-    t1 = time.perf_counter()
-    ctx = RoundContext(
+    g0 = trained[n] if with_root_update else None
+    return trained[:n], {name: b[:n] for name, b in buffers.items()}, g0
+
+
+def round_context(fed: Federation, state: State, root_update: torch.Tensor | None = None) -> RoundContext:
+    """What the attack and the defence of round ``state.round + 1`` may see (the one builder of a
+    :class:`~skymask_lite.context.RoundContext`; its generator is ``(seed, round, ROUND_STREAM)``)."""
+    rnd = state.round + 1
+    return RoundContext(
         round=rnd,
         num_clients=fed.num_clients,
         num_malicious=len(fed.malicious),
@@ -422,32 +415,60 @@ def run_round(
         global_buffers=state.buffers,
         root_x=fed.root[0],
         root_y=fed.root[1],
-        local_lr=fed.recipe.lr,
-        batch_size=fed.recipe.batch_size,
-        local_epochs=fed.recipe.epochs,
+        root_update=root_update,
+        recipe=fed.recipe,
         global_lr=fed.global_lr,
         num_classes=fed.num_classes,
         generator=torch.Generator().manual_seed(derive_seed(fed.seed, rnd, ROUND_STREAM)),
     )
-    updates = attack(updates, ctx)
-    if updates.shape[0] != fed.num_clients:
-        raise RuntimeError(f"the attack returned {updates.shape[0]} updates; the server must receive {fed.num_clients}")
-    t2 = time.perf_counter()
-    if needs_root:
-        ctx.root_update = trained[n]
-    agg = defense(updates, ctx)
-    t3 = time.perf_counter()
+
+
+def server_step(fed: Federation, state: State, agg: Aggregation, buffers: dict[str, torch.Tensor]) -> None:
+    """``w <- w + global_lr * aggregate``; the buffers (BatchNorm statistics) become the mean of
+    the kept clients' (unchanged when nobody is kept). Mutates ``state``."""
     state.params = state.params + fed.global_lr * agg.update
     if buffers and len(agg.kept):
         state.buffers = {name: b[agg.kept].mean(dim=0) for name, b in buffers.items()}
-    state.round = rnd
-    record: dict[str, Any] = {"round": rnd, "test_acc": accuracy(predict(fed.net, state.params, fed.test[0], state.buffers), fed.test[1])}
-    record["kept"] = agg.kept.tolist()
-    record.update(detection_rates(agg.kept, fed.malicious, fed.num_clients))
+    state.round += 1
+
+
+def evaluate(fed: Federation, state: State, attack: Any) -> dict[str, float]:
+    """Test accuracy of the global model and, for a backdoor attack, its attack success rate."""
+    record = {"test_acc": accuracy(predict(fed.net, state.params, fed.test[0], state.buffers), fed.test[1])}
     if getattr(attack, "target_class", None) is not None:
         record["asr"] = attack_success_rate(
             lambda x: predict(fed.net, state.params, x, state.buffers), *fed.test, attack.add_trigger, attack.target_class
         )
+    return record
+
+
+def run_round(
+    fed: Federation,
+    state: State,
+    attack: Callable[[torch.Tensor, RoundContext], torch.Tensor],
+    defense: Callable[[torch.Tensor, RoundContext], Aggregation],
+) -> dict[str, Any]:
+    """One round: train, attack, aggregate, step, evaluate. Mutates ``state``; returns the
+    round's record ``{round, test_acc, kept, fpr, fnr, [asr], defense_info, seconds, timing}``.
+
+    ``timing["clients"]`` includes the root update ``g0`` (trained next to the clients, see
+    :func:`round_updates`); ``timing["defense"]`` is the rule alone. The attack does not see ``g0``.
+    """
+    t0 = time.perf_counter()
+    updates, buffers, g0 = round_updates(fed, state, with_root_update=getattr(defense, "needs_root_update", False))
+    t1 = time.perf_counter()
+    ctx = round_context(fed, state)
+    updates = attack(updates, ctx)
+    if updates.shape[0] != fed.num_clients:
+        raise RuntimeError(f"the attack returned {updates.shape[0]} updates; the server must receive {fed.num_clients}")
+    t2 = time.perf_counter()
+    ctx.root_update = g0
+    agg = defense(updates, ctx)
+    t3 = time.perf_counter()
+    server_step(fed, state, agg, buffers)
+    record: dict[str, Any] = {"round": state.round, **evaluate(fed, state, attack), "kept": agg.kept.tolist()}
+    record.update(detection_rates(agg.kept, fed.malicious, fed.num_clients))
+    record["defense_info"] = agg.stats
     t4 = time.perf_counter()
     record["seconds"] = t4 - t0
     record["timing"] = {"clients": t1 - t0, "attack": t2 - t1, "defense": t3 - t2, "eval": t4 - t3}

@@ -264,6 +264,7 @@ def test_backdoor_poisons_a_seeded_share():
 
 def test_backdoor_scales_malicious_rows_by_n_over_f_eta():
     ctx, updates = round_context(n=12, f=3), benign_updates(nb=12, d=7)
+    ctx.global_lr = 1.0
     attack = Backdoor()
     out = attack(updates, ctx)
     torch.testing.assert_close(out[ctx.malicious], updates[ctx.malicious] * 4)
