@@ -281,10 +281,13 @@ def grid(base: Config, **axes: Iterable[Any]) -> list[Config]:
 
 
 def run_grid(
-    configs: list[Config], out_dir: str | os.PathLike = RESULTS_DIR, *, progress: bool = True
+    configs: list[Config], out_dir: str | os.PathLike = RESULTS_DIR, *, resume: bool = True, progress: bool = True
 ) -> list[dict[str, Any]]:
-    """Run every config (skipping finished ones, resuming interrupted ones) into ``out_dir``."""
-    return [run_experiment(c, Path(out_dir) / f"{run_name(c)}.json", progress=progress) for c in configs]
+    """Run every config into ``out_dir``: with ``resume`` (the default) finished runs are skipped
+    and interrupted ones resumed; without, every run is recomputed and its file replaced."""
+    return [
+        run_experiment(c, Path(out_dir) / f"{run_name(c)}.json", resume=resume, progress=progress) for c in configs
+    ]
 
 
 def load_results(folder: str | os.PathLike = RESULTS_DIR, **match: Any) -> list[dict[str, Any]]:
