@@ -18,8 +18,8 @@ Three client engines compute the same updates (to float tolerance, same seeds):
 * ``"batched"``: all clients at once with :func:`torch.func.vmap` over
   :func:`torch.func.grad` of a :func:`torch.func.functional_call`; the fastest on a GPU.
   Clients with fewer batches are padded with zero-weight examples, so every client's
-  loss is the mean over its real examples exactly as in the loop. Models with BatchNorm
-  statistics need the loop engine.
+  loss is the mean over its real examples exactly as in the loop; models with BatchNorm
+  carry every client's running statistics as stacked buffers.
 
 Every random choice (batch order) comes from a generator seeded by ``(seed, round, client)``,
 so results do not depend on the engine or on the order clients are trained in.
@@ -137,6 +137,14 @@ def _stack_clients(
     return torch.stack([u for u, _ in results]), stacked
 
 
+def _padded_data(data: list[tuple[torch.Tensor, torch.Tensor]]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Every client's examples in one zero-padded stack: ``x [m, longest, ...]``, ``y [m, longest]``."""
+    longest = max(len(y) for _, y in data)
+    xs = torch.stack([F.pad(x, (0, 0) * (x.dim() - 1) + (0, longest - len(x))) for x, _ in data])
+    ys = torch.stack([F.pad(y, (0, longest - len(y))) for _, y in data])
+    return xs, ys
+
+
 def train_clients_batched(
     net: nn.Module,
     global_params: torch.Tensor,
@@ -145,12 +153,15 @@ def train_clients_batched(
     schedules: list[list[torch.Tensor]],
     global_buffers: dict[str, torch.Tensor] | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """Train every client at once with ``vmap(grad(loss))`` over a ``[n, ...]`` stack of models."""
+    """Train every client at once with ``vmap(grad(loss))`` over a ``[m, ...]`` stack of models.
+
+    Models without buffers take one ``vmap`` call per step for all clients: a client with fewer
+    or smaller batches is padded with zero-weight examples, so its loss is still the mean over its
+    real examples. Models with BatchNorm statistics cannot be padded (a padded example would enter
+    the batch statistics), so :func:`_train_batched_with_buffers` groups the clients by batch size.
+    """
     if global_buffers:
-        raise ValueError(
-            "the batched engine does not track BatchNorm statistics under vmap; use engine='loop' for "
-            f"models with buffers ({sorted(global_buffers)[:2]}...)"
-        )
+        return _train_batched_with_buffers(net, global_params, data, recipe, schedules, global_buffers)
     device, n = global_params.device, len(data)
     steps = max(len(s) for s in schedules)
     # index [n, steps, B] into each client's padded data, weight 0 marks padding
@@ -160,9 +171,7 @@ def train_clients_batched(
         for s, idx in enumerate(schedule):
             index[i, s, : len(idx)] = idx
             weight[i, s, : len(idx)] = 1.0
-    longest = max(len(y) for _, y in data)
-    xs = torch.stack([F.pad(x, (0, 0) * (x.dim() - 1) + (0, longest - len(x))) for x, _ in data])
-    ys = torch.stack([F.pad(y, (0, longest - len(y))) for _, y in data])
+    xs, ys = _padded_data(data)
     index, weight = index.to(device), weight.to(device, global_params.dtype)
     rows = torch.arange(n, device=device).unsqueeze(1)
 
@@ -181,6 +190,58 @@ def train_clients_batched(
             grads = grads.clamp_(-recipe.grad_clip, recipe.grad_clip)
         params -= recipe.lr * grads
     return params - global_params, {}
+
+
+def _train_batched_with_buffers(
+    net: nn.Module,
+    global_params: torch.Tensor,
+    data: list[tuple[torch.Tensor, torch.Tensor]],
+    recipe: LocalRecipe,
+    schedules: list[list[torch.Tensor]],
+    global_buffers: dict[str, torch.Tensor],
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """The batched engine for models with BatchNorm: every client's running statistics are a row
+    of stacked buffers ``{name: [m, ...]}`` that :func:`torch.func.functional_call` updates under
+    ``vmap``, exactly as BatchNorm updates its own in the loop engine
+    (``running <- (1 - momentum) running + momentum batch_stat``).
+
+    Step ``s`` makes one ``vmap`` call per distinct batch size among the clients that have an
+    ``s``-th batch (usually one: the full batches; the last batch of an epoch may be smaller),
+    so the batch statistics see real examples only.
+    """
+    device, m = global_params.device, len(data)
+    xs, ys = _padded_data(data)
+    params = global_params.expand(m, -1).clone()  # [m, d]
+    floats = {k: v.expand(m, *v.shape).clone() for k, v in global_buffers.items()}  # [m, ...] each
+    # BatchNorm also increments num_batches_tracked in place: it must be an input of the transform
+    counters = {k: v.expand(m, *v.shape).clone() for k, v in net.named_buffers() if k not in global_buffers}
+
+    def loss_fn(flat, stats, counts, xb, yb):  # one client, one batch
+        stats = {k: v.clone() for k, v in stats.items()}  # updated in place by BatchNorm's forward
+        logits = functional_call(net, {**unflatten(flat, net), **stats, **counts}, (xb,))
+        return F.cross_entropy(logits, yb), stats
+
+    step = vmap(grad(loss_fn, has_aux=True))
+    net.train()
+    everyone = torch.arange(m, device=device)
+    for s in range(max(len(schedule) for schedule in schedules)):
+        groups: dict[int, list[int]] = {}
+        for i, schedule in enumerate(schedules):
+            if s < len(schedule):
+                groups.setdefault(len(schedule[s]), []).append(i)
+        for clients in groups.values():
+            rows = everyone if len(clients) == m else torch.tensor(clients, device=device)
+            idx = torch.stack([schedules[i][s] for i in clients]).to(device)  # [k, B]
+            grads, stats = step(
+                params[rows], {k: v[rows] for k, v in floats.items()}, {k: v[rows] for k, v in counters.items()},
+                xs[rows.unsqueeze(1), idx], ys[rows.unsqueeze(1), idx],
+            )
+            if recipe.grad_clip is not None:
+                grads = grads.clamp_(-recipe.grad_clip, recipe.grad_clip)
+            params[rows] -= recipe.lr * grads
+            for k, v in stats.items():
+                floats[k][rows] = v
+    return params - global_params, floats
 
 
 def train_clients_parallel(
