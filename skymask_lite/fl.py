@@ -44,7 +44,7 @@ from torch.func import functional_call, grad, vmap
 from .aggregation import Aggregation, nonfinite_rows
 from .context import LocalRecipe, RoundContext
 from .metrics import accuracy, attack_success_rate, detection_rates
-from .models import channels_last, float_buffers, load_flat, unflatten
+from .models import channels_last, flatten_params, float_buffers, load_flat, unflatten
 
 # The independent random streams of a run: fl.derive_seed(seed, round, STREAM, ...) for each.
 CLIENT_STREAM = 0  # client i's batch order in round t: (seed, t, CLIENT_STREAM, i)
@@ -77,13 +77,13 @@ def local_sgd(
     batches: list[torch.Tensor],
     recipe: LocalRecipe,
     buffers: dict[str, torch.Tensor] | None = None,
-    channels_last: bool = False,
+    nhwc: bool = False,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """SGD on ``(x, y)`` from the flat parameters ``start``; returns the update
     ``w_local - start`` (``[d]``) and the final float buffers.
 
     ``w <- w - lr * clamp(grad_w CE(f_w(x_b), y_b))`` for each batch ``b``; cross-entropy over
-    the class dimension, mean over the batch. ``channels_last`` feeds image batches in
+    the class dimension, mean over the batch. ``nhwc`` feeds image batches in
     channels-last memory order (for a ``net`` converted with ``.to(memory_format=...)``).
     """
     load_flat(net, start, buffers)
@@ -92,7 +92,7 @@ def local_sgd(
     for idx in batches:
         idx = idx.to(x.device)
         xb = x[idx]
-        if channels_last and xb.dim() == 4:
+        if nhwc and xb.dim() == 4:
             xb = xb.contiguous(memory_format=torch.channels_last)
         loss = F.cross_entropy(net(xb), y[idx])
         grads = torch.autograd.grad(loss, params)
@@ -100,7 +100,7 @@ def local_sgd(
             grads = [g.clamp_(-recipe.grad_clip, recipe.grad_clip) for g in grads]
         with torch.no_grad():
             torch._foreach_add_(params, grads, alpha=-recipe.lr)
-    update = torch.cat([p.detach().reshape(-1) for p in params]) - start
+    update = flatten_params(net) - start
     return update, float_buffers(net)
 
 
@@ -273,7 +273,7 @@ def train_clients_parallel(
             with lock:
                 local.net = copy.deepcopy(net).to(memory_format=torch.channels_last)
         x, y = data[i]
-        return local_sgd(local.net, global_params, x, y, schedules[i], recipe, global_buffers, channels_last=True)
+        return local_sgd(local.net, global_params, x, y, schedules[i], recipe, global_buffers, nhwc=True)
 
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
@@ -358,11 +358,9 @@ def predict(
 ) -> torch.Tensor:
     """Predicted labels of the model with flat parameters ``params`` (eval mode).
 
-    Image batches go through :func:`~skymask_lite.models.channels_last`: on a CPU the CNN's
-    convolutions and poolings then run in their channels-last kernels, and evaluating the
-    10,000 Fashion-MNIST test images takes about a fifth of the time
-    (``benchmarks/channels_last.py``).
-    The logits differ from NCHW evaluation by float rounding only.
+    Image batches go through :func:`~skymask_lite.models.channels_last`, so a CPU runs the
+    CNN in its faster channels-last kernels; the logits differ from NCHW evaluation by float
+    rounding only.
     """
     net.eval()
     state = {**unflatten(params, net), **(buffers or {})}
@@ -410,7 +408,7 @@ class State:
 
 def initial_state(fed: Federation) -> State:
     """The global model as ``fed.net`` was initialised."""
-    return State(torch.cat([p.detach().reshape(-1) for p in fed.net.parameters()]).clone(), float_buffers(fed.net))
+    return State(flatten_params(fed.net), float_buffers(fed.net))
 
 
 def check_local_training(updates: torch.Tensor, fed: Federation, rnd: int) -> None:
