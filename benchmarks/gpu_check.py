@@ -1,0 +1,254 @@
+"""The GPU acceptance run of skymask-lite: one command, one JSON.
+
+    python benchmarks/gpu_check.py --out-dir benchmarks/results     # on a CUDA machine, < 8 min
+    python benchmarks/gpu_check.py --device cpu --quick --out-dir /tmp/check   # the script itself
+
+In order:
+
+1. ``benchmarks/run.py --device cuda --rounds 2``, alone on the machine (its JSON and Markdown
+   land in ``--out-dir`` as ``benchmark_cuda.*``): the round phases, the engines, ResNet20's
+   batched round and SkyMask's server step;
+2. then, side by side:
+
+   * every chapter notebook executed top to bottom on the device, each in a fresh Python
+     process with ``book/`` as working directory (the cells' code in order, as Jupyter would
+     run it; the Colab install cell, tagged ``nbval-skip``, is skipped; the kernel is not
+     needed, so IPython line magics are dropped);
+   * every attack x defense pair for 2 rounds (20 clients, 4 malicious, 6,000 training images)
+     through :func:`~skymask_lite.experiments.run_experiment`: ``ok``, ``collapsed`` (the attack
+     destroyed the model, recorded as a result) or ``failed`` with the error;
+   * ``RECOMPUTE``'s mechanism on the device: a grid computed twice with ``resume=False`` into
+     one folder leaves exactly one results file per experiment;
+   * the batched and loop engines on the device: the CNN on real Fashion-MNIST (float32) and
+     ResNet20 on CIFAR-shaped random images (float64, where rounding does not blow up).
+
+``gpu_check.json`` ends with ``acceptance``: every chapter ran, the matrix has no failure other
+than recorded collapses, ResNet20's batched round of 100 clients <= 3 s, SkyMask's server step
+<= 10% of the batched round.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import functools
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+import traceback
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from unittest import mock
+
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+BOOK = ROOT / "book"
+
+
+def execute_notebook(path: Path) -> None:
+    """Run a notebook's code cells in order in this process (called in a fresh process)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    cells = json.loads(path.read_text())["cells"]
+    namespace: dict = {"__name__": "__main__"}
+    for number, cell in enumerate(cells):
+        if cell["cell_type"] != "code" or "nbval-skip" in cell.get("metadata", {}).get("tags", []):
+            continue
+        lines = "".join(cell["source"]).splitlines()
+        code = "\n".join(line for line in lines if not line.lstrip().startswith(("%", "!")))
+        try:
+            exec(compile(code, f"{path.name}, cell {number}", "exec"), namespace)
+        except Exception:
+            print(f"{path.name}: cell {number} failed", file=sys.stderr)
+            raise
+        matplotlib.pyplot.close("all")
+
+
+def run_notebooks(timeout: float, pattern: str) -> dict:
+    """Every chapter in a subprocess of its own, four at a time; seconds and the error's last lines."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "MPLBACKEND": "Agg", "PYTHONHASHSEED": "0"}
+
+    def one(path: Path) -> tuple[str, dict]:
+        start = time.perf_counter()
+        try:
+            proc = subprocess.run([sys.executable, __file__, "--execute-notebook", str(path)], cwd=BOOK, env=env,
+                                  capture_output=True, text=True, timeout=timeout)
+            status = "ok" if proc.returncode == 0 else "failed"
+            tail = proc.stderr.strip().splitlines()[-6:] if proc.returncode else []
+        except subprocess.TimeoutExpired:
+            status, tail = "timeout", [f"stopped after {timeout:.0f} s"]
+        return path.name, {"status": status, "seconds": round(time.perf_counter() - start, 1), "error": tail}
+
+    with ThreadPoolExecutor(4) as pool:
+        return dict(pool.map(one, sorted(BOOK.glob(pattern))))
+
+
+@functools.lru_cache(maxsize=None)
+def _cached_dataset(name: str, root=None):
+    from skymask_lite.data import load_dataset
+
+    return load_dataset(name, root)
+
+
+def attack_defense_matrix(device: str, quick: bool, budget: float) -> dict:
+    """Every registered attack x defense for 2 rounds; the dataset is parsed once (cached)."""
+    from skymask_lite.attacks import ATTACKS
+    from skymask_lite.defenses import DEFENSES
+    from skymask_lite.experiments import Config, run_experiment
+    from skymask_lite.fl import resolve_engine
+
+    base = Config(num_clients=20, num_malicious=4, train_size=3000 if quick else 6000, rounds=2, device=device,
+                  engine=resolve_engine("auto", device))
+    cells, start = {}, time.perf_counter()
+    with mock.patch("skymask_lite.experiments.load_dataset", _cached_dataset):
+        for attack in ATTACKS:
+            for defense in DEFENSES:
+                key = f"{attack} x {defense}"
+                if time.perf_counter() - start > budget:
+                    cells[key] = {"status": "not run (time budget)"}
+                    continue
+                t0 = time.perf_counter()
+                try:
+                    config = dataclasses.replace(base, attack=attack, defense=defense)
+                    result = run_experiment(config, progress=False)
+                    collapsed = result["final"].get("collapsed")
+                    cells[key] = {"status": "collapsed" if collapsed else "ok", "test_acc": result["final"]["test_acc"],
+                                  **({"collapsed": collapsed} if collapsed else {})}
+                except Exception as err:  # recorded, the matrix goes on
+                    cells[key] = {"status": "failed", "error": f"{type(err).__name__}: {err}"[:400]}
+                cells[key]["seconds"] = round(time.perf_counter() - t0, 2)
+    return cells
+
+
+def recompute_check(device: str) -> dict:
+    """RECOMPUTE = True recomputes (resume=False) and the folder still holds one file per run."""
+    from skymask_lite.experiments import Config, load_results, run_grid
+    from skymask_lite.fl import resolve_engine
+
+    configs = [Config(num_clients=10, num_malicious=2, train_size=3000, rounds=2, attack="min_max", defense=rule,
+                      device=device, engine=resolve_engine("auto", device)) for rule in ("fedavg", "skymask")]
+    with tempfile.TemporaryDirectory() as folder, mock.patch("skymask_lite.experiments.load_dataset", _cached_dataset):
+        first = run_grid(configs, folder, resume=False, progress=False)
+        second = run_grid(configs, folder, resume=False, progress=False)
+        files = sorted(p.name for p in Path(folder).glob("*.json"))
+        loaded = load_results(folder)
+    recomputed = all(a["env"] != b["env"] or a["rounds"][0]["seconds"] != b["rounds"][0]["seconds"]
+                     for a, b in zip(first, second))
+    return {"files": files, "one_file_per_run": len(files) == len(configs) == len(loaded), "recomputed": recomputed,
+            "device_recorded": sorted({r["env"]["device"] for r in loaded})}
+
+
+def engine_agreement(device: str) -> dict:
+    """Batched against loop on the device: max relative row error of the updates (and buffers)."""
+    from skymask_lite.experiments import Config, build
+    from skymask_lite.fl import LocalRecipe, initial_state, train_clients
+    from skymask_lite.models import flatten_params, float_buffers, make_model
+
+    def rel(a: torch.Tensor, b: torch.Tensor) -> float:
+        return float(((a - b).norm(dim=-1) / b.norm(dim=-1).clamp_min(1e-30)).max())
+
+    out = {}
+    with mock.patch("skymask_lite.experiments.load_dataset", _cached_dataset):
+        fed, _, _ = build(Config(num_clients=10, train_size=3000, device=device, engine="loop"))
+    state = initial_state(fed)
+    seeds = list(range(fed.num_clients))
+    loop, _ = train_clients(fed.net, state.params, fed.client_data, fed.recipe, seeds, engine="loop")
+    batched, _ = train_clients(fed.net, state.params, fed.client_data, fed.recipe, seeds, engine="batched")
+    out["cnn_fmnist_float32"] = {"max_relative_error": rel(batched, loop)}
+    net = make_model("resnet20", "cifar10").to(device, torch.float64)
+    g = torch.Generator().manual_seed(0)
+    data = [(torch.randn(m, 3, 32, 32, generator=g, dtype=torch.float64).to(device),
+             torch.randint(0, 10, (m,), generator=g).to(device)) for m in (40, 27, 16, 9)]
+    recipe = LocalRecipe(lr=0.05, batch_size=8, epochs=1)
+    w, buffers = flatten_params(net), float_buffers(net)
+    loop, loop_buf = train_clients(net, w, data, recipe, [0, 1, 2, 3], buffers, engine="loop")
+    batched, batched_buf = train_clients(net, w, data, recipe, [0, 1, 2, 3], buffers, engine="batched")
+    out["resnet20_float64"] = {"max_relative_error": rel(batched, loop),
+                               "max_buffer_error": max(float((batched_buf[k] - loop_buf[k]).abs().max()) for k in buffers)}
+    return out
+
+
+def _guarded(name: str, fn, *args) -> dict:
+    """Run one part; a crash is recorded with its traceback instead of ending the check."""
+    start = time.perf_counter()
+    try:
+        result = fn(*args)
+    except Exception:
+        result = {"status": "crashed", "error": traceback.format_exc().splitlines()[-8:]}
+    print(f"[gpu_check] {name}: {time.perf_counter() - start:.1f} s", flush=True)
+    return result
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--device", default="cuda")
+    parser.add_argument("--quick", action="store_true", help="fewer rounds and sizes (checks the script on a CPU)")
+    parser.add_argument("--out-dir", type=Path, default=ROOT / "benchmarks" / "results")
+    parser.add_argument("--skip-benchmark", action="store_true")
+    parser.add_argument("--chapters", default="*.ipynb", help="glob of the notebooks under book/ to execute")
+    parser.add_argument("--commit", help="the commit checked, where the copy has no git history")
+    parser.add_argument("--execute-notebook", type=Path, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.execute_notebook:
+        execute_notebook(args.execute_notebook)
+        return
+    sys.path.insert(0, str(ROOT))
+    from skymask_lite.experiments import environment
+
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        sys.exit("error: CUDA is not available here; run on a GPU machine, or pass --device cpu --quick")
+    args.out_dir.mkdir(parents=True, exist_ok=True)
+    start = time.perf_counter()
+    report: dict = {"env": environment(args.device)}
+    if args.commit:
+        report["env"].update(git_commit=args.commit, git_dirty=None)
+    if not args.skip_benchmark:
+        bench = [sys.executable, str(ROOT / "benchmarks" / "run.py"), "--device", args.device, "--rounds", "2",
+                 "--out", str(args.out_dir)] + (["--quick"] if args.quick else [])
+        t0 = time.perf_counter()
+        proc = subprocess.run(bench, cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)}, capture_output=True, text=True)
+        report["benchmark"] = {"returncode": proc.returncode, "seconds": round(time.perf_counter() - t0, 1),
+                               "error": proc.stderr.strip().splitlines()[-8:] if proc.returncode else []}
+        print(f"[gpu_check] benchmark: {report['benchmark']['seconds']} s, rc {proc.returncode}", flush=True)
+    with ThreadPoolExecutor(1) as pool:
+        notebooks = pool.submit(run_notebooks, 600 if args.quick else 300, args.chapters)
+        report["matrix"] = _guarded("matrix", attack_defense_matrix, args.device, args.quick, 150 if args.quick else 200)
+        report["recompute"] = _guarded("recompute", recompute_check, args.device)
+        report["engine_agreement"] = _guarded("engines", engine_agreement, args.device)
+        report["notebooks"] = notebooks.result()
+    report["seconds"] = round(time.perf_counter() - start, 1)
+    report["acceptance"] = acceptance(report, args.out_dir / f"benchmark_{'quick' if args.quick else args.device.split(':')[0]}.json")
+    (args.out_dir / ("gpu_check_quick.json" if args.quick else "gpu_check.json")).write_text(json.dumps(report, indent=1))
+    print(json.dumps(report["acceptance"], indent=1))
+
+
+def acceptance(report: dict, benchmark_path: Path) -> dict:
+    """The four acceptance checks of the GPU issue, from the report and the benchmark JSON."""
+    matrix = report.get("matrix", {})
+    failures = sorted(k for k, v in matrix.items() if isinstance(v, dict) and v.get("status") == "failed")
+    out = {
+        "chapters_ok": sorted(k for k, v in report["notebooks"].items() if v["status"] == "ok"),
+        "chapters_failed": sorted(k for k, v in report["notebooks"].items() if v["status"] != "ok"),
+        "matrix_cells": len(matrix),
+        "matrix_collapsed": sorted(k for k, v in matrix.items() if isinstance(v, dict) and v.get("status") == "collapsed"),
+        "matrix_failures": failures,
+        "matrix_not_run": sorted(k for k, v in matrix.items() if isinstance(v, dict) and v.get("status", "").startswith("not run")),
+    }
+    if benchmark_path.exists():
+        bench = json.loads(benchmark_path.read_text())
+        rr = bench.get("resnet20_round", {})
+        out["resnet20_round_seconds"] = rr.get("seconds")
+        out["resnet20_round_clients"] = rr.get("clients")
+        out["resnet20_round_ok"] = rr.get("clients") == 100 and rr.get("seconds", 1e9) <= 3.0
+        out["skymask_server_share"] = bench.get("skymask_server_share_at_100")
+        out["skymask_share_ok"] = (bench.get("skymask_server_share_at_100") or 1.0) <= 0.10
+    return out
+
+
+if __name__ == "__main__":
+    main()
