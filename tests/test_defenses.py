@@ -1,4 +1,4 @@
-"""Defences against independent brute-force references (plain loops), planted attackers and
+"""Defenses against independent brute-force references (plain loops), planted attackers and
 the error messages of impossible settings."""
 
 import pickle
@@ -233,8 +233,10 @@ def test_gap_statistic_caps_k_at_distinct_scores():
 
 def test_clear_errors_for_impossible_settings():
     u = rand(5, 3)
-    with pytest.raises(ValueError, match=r"n >= f \+ 3.*n=5, f=3"):
+    with pytest.raises(ValueError, match=r"Krum needs n > 2f \+ 2 clients; got n=5, f=3"):
         krum(u, num_malicious=3)
+    with pytest.raises(ValueError, match=r"n >= f \+ 3.*n=5, f=3"):
+        krum_scores(u, 3)
     with pytest.raises(ValueError, match=r"n >= 4f \+ 3.*n=5, f=1"):
         bulyan(u, num_malicious=1)
     with pytest.raises(ValueError, match="n > 2f"):
@@ -249,7 +251,7 @@ def test_clear_errors_for_impossible_settings():
     with pytest.raises(ValueError, match=r"clients \[0\] contain NaN or Inf"):
         median(bad)
     check_updates(torch.full((4, 3), 3e38))  # finite entries whose row sums overflow to Inf are accepted
-    with pytest.raises(ValueError, match="unknown defence 'krun'.*krum, multi_krum"):
+    with pytest.raises(ValueError, match="unknown defense 'krun'.*krum, multi_krum"):
         make_defense("krun")
 
 
