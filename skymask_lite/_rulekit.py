@@ -20,6 +20,7 @@ __all__ = [
     "hdbscan_labels",
     "mean_of",
     "median_of",
+    "middle_ranks",
     "output_layer",
     "rounded",
     "shares",
@@ -29,6 +30,7 @@ __all__ = [
 
 
 def all_clients(n: int, device: torch.device) -> torch.Tensor:
+    """Every client's index, for rules that keep everybody."""
     return torch.arange(n, device=device)
 
 
@@ -39,12 +41,18 @@ def mean_of(updates: torch.Tensor, kept: torch.Tensor) -> torch.Tensor:
     return updates[kept].mean(dim=0)
 
 
-def median_of(x: torch.Tensor, dim: int = 0) -> torch.Tensor:
+def middle_ranks(k: int) -> tuple[int, int]:
+    """The ranks of the middle values of ``k`` sorted values (the same one for odd ``k``)."""
+    return (k - 1) // 2, k // 2
+
+
+def median_of(x: torch.Tensor, dim: int = 0, *, presorted: bool = False) -> torch.Tensor:
     """The usual median (mean of the two middle values for an even count), unlike
-    :meth:`torch.Tensor.median`, which returns the lower one."""
-    s = x.sort(dim=dim).values
-    k = x.shape[dim]
-    return (s.select(dim, (k - 1) // 2) + s.select(dim, k // 2)) / 2
+    :meth:`torch.Tensor.median`, which returns the lower one. ``presorted``: ``x`` is already
+    sorted along ``dim``."""
+    s = x if presorted else x.sort(dim=dim).values
+    lo, hi = middle_ranks(x.shape[dim])
+    return (s.select(dim, lo) + s.select(dim, hi)) / 2
 
 
 def cosine_distances(x: torch.Tensor) -> torch.Tensor:

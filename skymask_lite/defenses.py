@@ -38,6 +38,7 @@ from ._rulekit import (
     cosine_distances,
     hdbscan_labels,
     median_of,
+    middle_ranks,
     rounded,
     shares,
     summary,
@@ -119,8 +120,8 @@ def median(updates: torch.Tensor) -> Aggregation:
     check_updates(updates)
     n = updates.shape[0]
     s = updates.sort(dim=0)
-    lo, hi = (n - 1) // 2, n // 2
-    update = (s.values[lo] + s.values[hi]) / 2  # the same expression as median_of
+    lo, hi = middle_ranks(n)
+    update = median_of(s.values, presorted=True)
     share = shares(s.indices[lo : hi + 1], n)
     stats = {"middle_share": summary(share), "never_middle": int((share == 0).sum())}
     return Aggregation(update, all_clients(n, updates.device), {"middle_share": share}, stats)

@@ -282,7 +282,7 @@ def test_registry_objects_run_on_a_round_context():
         defense = make_defense(name)
         assert defense.needs_root_update == (name == "fltrust")
         assert_valid(defense(u, ctx), 12, d)
-        pickle.loads(pickle.dumps(defense))  # experiments checkpoint the defence
+        pickle.loads(pickle.dumps(defense))  # experiments checkpoint the defense
     assert make_defense("multi_krum", m=5)(u, ctx).kept.numel() == 5
     with pytest.raises(ValueError, match="unknown option"):
         make_defense("krum", m=5)
