@@ -180,7 +180,7 @@ def fang_trim(benign: Tensor, num_malicious: int, b: float = 2.0, generator: tor
     return target + u * (far - target)
 
 
-#: Fang et al.'s bound on lambda divides by ``n - 2f - 1``: ``n > 2f + 1``.
+#: Fang et al.'s bound on lambda divides by ``n - 2f - 1``, so it needs ``n > 2f + 1``.
 FANG_KRUM_CONDITION = Condition("Fang's Krum attack", 2, 1)
 
 
@@ -469,6 +469,8 @@ class ModelPoisoning(Attack):
         self.context_args = context_parameters(craft)
 
     def require(self, num_clients: int, num_malicious: int) -> None:
+        """Raise a ``ValueError`` unless ``n`` and ``f`` satisfy the attack's condition (none
+        without attackers: nothing is crafted)."""
         if self.condition is not None and num_malicious > 0:
             self.condition.check(num_clients, num_malicious)
 

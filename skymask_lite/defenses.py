@@ -17,7 +17,7 @@ validation calls before any compute.
 :data:`DEFENSES` maps a name to a factory; ``make_defense(name, **options)`` returns an object
 called as ``defense(updates, ctx)`` by the simulator (see
 :class:`~skymask_lite.aggregation.BoundRule`). DeepSight, Tolpegin et al.'s detector and
-:class:`FLDetector` live in :mod:`skymask_lite.detectors` and are re-exported here;
+:class:`FLDetector` live in ``skymask_lite.detectors`` and are re-exported here;
 FLDetector keeps history across rounds, so it is a class rather than a pure rule.
 
 All pairwise distances are computed at once (one :func:`torch.cdist` or one Gram matrix);
@@ -104,7 +104,7 @@ def fedavg(updates: torch.Tensor, *, weights: torch.Tensor | None = None) -> Agg
     return Aggregation(weights @ updates / weights.sum(), kept, {"weights": weights})
 
 
-#: The median's breakdown point is 1/2: it is robust while the honest clients are a majority.
+#: The median's breakdown point is 1/2, so it is robust while the honest clients are a majority.
 MEDIAN_CONDITION = Condition("The coordinate-wise median", 2)
 
 
@@ -127,7 +127,7 @@ def median(updates: torch.Tensor) -> Aggregation:
     return Aggregation(update, all_clients(n, updates.device), {"middle_share": share}, stats)
 
 
-#: Yin et al.'s trimmed mean trims a fraction beta = f / n < 1/2 from each side: n > 2f.
+#: Yin et al.'s trimmed mean trims a fraction beta = f / n < 1/2 from each side, so n > 2f.
 TRIMMED_MEAN_CONDITION = Condition("Trimmed mean", 2)
 
 
@@ -182,7 +182,7 @@ def krum_scores(updates: torch.Tensor, num_malicious: int) -> torch.Tensor:
 
 #: Blanchard et al. prove Krum's resilience for n > 2f + 2 (Proposition 1).
 KRUM_CONDITION = Condition("Krum", 2, 2)
-#: Multi-Krum rests on the same scores: n > 2f + 2.
+#: Multi-Krum rests on the same scores, so it needs n > 2f + 2 too.
 MULTI_KRUM_CONDITION = Condition("Multi-Krum", 2, 2)
 
 
@@ -291,7 +291,7 @@ def fltrust(updates: torch.Tensor, *, root_update: torch.Tensor) -> Aggregation:
     return Aggregation(coef @ updates / trust.sum(), kept, info, stats)
 
 
-#: FLAME keeps the majority cluster: it assumes the honest clients are a majority, n > 2f.
+#: FLAME keeps the majority cluster, so it assumes the honest clients are a majority (n > 2f).
 FLAME_CONDITION = Condition("FLAME", 2)
 
 
