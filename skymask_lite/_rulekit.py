@@ -56,9 +56,15 @@ def median_of(x: torch.Tensor, dim: int = 0, *, presorted: bool = False) -> torc
 
 
 def cosine_distances(x: torch.Tensor) -> torch.Tensor:
-    """Pairwise ``1 - cos(x_i, x_j)`` from one Gram matrix, in ``[0, 2]`` with a zero diagonal."""
+    """Pairwise ``1 - cos(x_i, x_j)`` from one Gram matrix, in ``[0, 2]`` with a zero diagonal.
+
+    The Gram matrix is symmetrised, ``(G + G^T) / 2``: a float32 matmul need not return an exactly
+    symmetric one (for some ``n``), which HDBSCAN rejects as a precomputed distance; where it is
+    symmetric the average changes no bit.
+    """
     unit = F.normalize(x, dim=1)
-    dist = (1 - unit @ unit.T).clamp_(0, 2)
+    gram = unit @ unit.T
+    dist = (1 - (gram + gram.T) / 2).clamp_(0, 2)
     return dist.fill_diagonal_(0)
 
 

@@ -553,3 +553,13 @@ def test_deepsight_in_named_steps_is_the_one_long_function_it_was(seed, options)
     update, kept = deepsight_before_the_split(u, generator=torch.Generator().manual_seed(seed), **kwargs)
     assert torch.equal(agg.kept, kept) and torch.equal(agg.update, update)
     assert 0 < kept.numel() < 12  # the fixed input makes it decide something
+
+
+def test_cosine_distances_are_exactly_symmetric_in_float32():
+    """A float32 Gram matrix need not be symmetric (here for n = 11); HDBSCAN refused it."""
+    u = (0.1 * rand(11, 68, seed=49)).float()
+    dist = cosine_distances(u)
+    assert torch.equal(dist, dist.T)
+    torch.testing.assert_close(dist.double(), cosine_distances(u.double()), atol=1e-6, rtol=0)
+    agg = flame(u, generator=torch.Generator().manual_seed(0))
+    assert_valid(agg, 11, 68)
