@@ -20,12 +20,15 @@ Data poisoning: :func:`flip_labels`, :func:`add_trigger` and the backdoor of Bag
 
 Attack objects (:class:`Attack` and subclasses) are what the simulator calls each round:
 ``attack(updates, ctx) -> updates'`` with exactly ``n`` rows, only the rows ``ctx.malicious``
-changed. :data:`ATTACKS` maps names to factories; :func:`make_attack` checks name and options.
+changed. A crafting function's parameters named like a round-context field (``num_malicious``,
+``num_clients``, ``generator``) are filled from the round, the others are its options (the
+binder of :mod:`skymask_lite.aggregation`). :data:`ATTACKS` maps names to factories;
+:func:`make_attack` checks name and options, and ``attack.require(n, f)`` the attack's own
+condition on ``n`` and ``f`` (e.g. LIE needs the attackers not to be a majority).
 """
 
 from __future__ import annotations
 
-import inspect
 import math
 from functools import partial
 from statistics import NormalDist
@@ -34,7 +37,37 @@ from typing import Any, Callable
 import torch
 from torch import Tensor
 
+from .aggregation import Condition, check_options, context_parameters
 from .context import RoundContext
+
+__all__ = [
+    "ATTACKS",
+    "Attack",
+    "Backdoor",
+    "FANG_KRUM_CONDITION",
+    "KNOWLEDGE",
+    "LIE_CONDITION",
+    "LabelFlip",
+    "MIN_SUM_BOUNDS",
+    "ModelPoisoning",
+    "PERTURBATIONS",
+    "add_trigger",
+    "agr_agnostic_gamma",
+    "fang_krum",
+    "fang_krum_lambda0",
+    "fang_trim",
+    "flip_labels",
+    "gaussian",
+    "lie",
+    "lie_z",
+    "make_attack",
+    "min_max",
+    "min_max_constraint",
+    "min_sum",
+    "min_sum_constraint",
+    "perturbation_vector",
+    "sign_flip",
+]
 
 PERTURBATIONS = ("unit_vec", "std", "sign")
 MIN_SUM_BOUNDS = ("paper", "authors_code")
@@ -68,7 +101,9 @@ def _check_num_malicious(num_malicious: int) -> None:
 # ----------------------------------------------------------------------------- simple attacks
 
 
-def gaussian(benign: Tensor, num_malicious: int, sigma: float = 1.0, generator: torch.Generator | None = None) -> Tensor:
+def gaussian(
+    benign: Tensor, num_malicious: int, sigma: float = 1.0, generator: torch.Generator | None = None
+) -> Tensor:
     """Gaussian attack: ``f`` rows drawn i.i.d. from ``N(0, sigma^2 I_d)``, ``[f, d]``.
 
     Only the shape, dtype and device of ``benign`` are used. The draw is made on the CPU
@@ -87,6 +122,10 @@ def sign_flip(benign: Tensor, num_malicious: int, scale: float = 1.0) -> Tensor:
     _check_benign(benign)
     _check_num_malicious(num_malicious)
     return (-scale * benign.mean(dim=0)).repeat(num_malicious, 1)
+
+
+#: LIE's ``s = floor(n/2 + 1) - f > 0`` (the attackers are not a majority) is ``n >= 2f``.
+LIE_CONDITION = Condition("The LIE attack", 2, strict=False)
 
 
 def lie_z(num_clients: int, num_malicious: int) -> float:
@@ -139,6 +178,10 @@ def fang_trim(benign: Tensor, num_malicious: int, b: float = 2.0, generator: tor
     far = torch.where(outward, target * b, target / b)
     u = torch.rand(num_malicious, benign.shape[1], generator=generator, dtype=benign.dtype).to(benign.device)
     return target + u * (far - target)
+
+
+#: Fang et al.'s bound on lambda divides by ``n - 2f - 1``, so it needs ``n > 2f + 1``.
+FANG_KRUM_CONDITION = Condition("Fang's Krum attack", 2, 1)
 
 
 def fang_krum_lambda0(benign: Tensor, num_malicious: int, num_clients: int) -> float:
@@ -308,6 +351,10 @@ class Attack:
     name: str = "none"
     target_class: int | None = None
 
+    def require(self, num_clients: int, num_malicious: int) -> None:
+        """Raise a ``ValueError`` unless the attack can run with ``n`` clients, ``f`` of them
+        malicious. Honest behaviour and data poisoning run with any."""
+
     def poison_data(self, x: Tensor, y: Tensor, generator: torch.Generator) -> tuple[Tensor, Tensor]:
         """Applied once, at setup, to each malicious client's local data. Honest: unchanged."""
         return x, y
@@ -347,14 +394,21 @@ class Backdoor(Attack):
     name = "backdoor"
 
     def __init__(
-        self, share: float = 0.5, target_class: int = 0, size: int = 5, value: float | None = None, scale: float | None = None
+        self,
+        share: float = 0.5,
+        target_class: int = 0,
+        size: int = 5,
+        value: float | None = None,
+        scale: float | None = None,
     ) -> None:
         if not 0 < share <= 1:
             raise ValueError(f"share is the fraction of an attacker's examples to poison, in (0, 1]; got {share}")
         if target_class < 0:
             raise ValueError(f"target_class must be a class index >= 0, got {target_class}")
         if scale is not None and scale <= 0:
-            raise ValueError(f"scale multiplies the attackers' updates and must be > 0 (or None for n / (f * eta)); got {scale}")
+            raise ValueError(
+                f"scale multiplies the attackers' updates and must be > 0 (or None for n / (f * eta)); got {scale}"
+            )
         self.share, self.target_class, self.size, self.value, self.scale = share, target_class, size, value, scale
 
     def add_trigger(self, x: Tensor) -> Tensor:
@@ -381,7 +435,6 @@ class Backdoor(Attack):
         return out
 
 
-_CONTEXT_ARGS = ("num_malicious", "num_clients", "generator")
 _CHOICES = {"perturbation": PERTURBATIONS, "bound": MIN_SUM_BOUNDS}  # checked at construction, not at round 1
 
 
@@ -389,23 +442,37 @@ class ModelPoisoning(Attack):
     """A crafting function bound to its options; the attackers' rows are replaced by its output.
 
     ``knowledge="full"``: the function sees the honest clients' updates (``ctx.benign``);
-    ``"partial"``: only the attackers' own honest updates (``ctx.malicious``). The round's
-    ``num_malicious``, ``num_clients`` and ``generator`` are passed when the function takes them.
+    ``"partial"``: only the attackers' own honest updates (``ctx.malicious``). The function's
+    parameters named like a round-context field (``num_malicious``, ``num_clients``,
+    ``generator``) are read from the round; the others are ``options``. ``condition`` is the
+    attack's own condition on ``n`` and ``f`` (:meth:`require`), ``None`` if it has none.
     """
 
-    def __init__(self, name: str, craft: Callable[..., Tensor], *, knowledge: str = "full", **options: Any) -> None:
-        params = inspect.signature(craft).parameters
-        allowed = sorted(set(params) - {"benign", *_CONTEXT_ARGS})
-        unknown = sorted(set(options) - set(allowed))
-        if unknown:
-            raise ValueError(f"unknown option(s) {unknown} for the {name!r} attack; it accepts {allowed + ['knowledge']}")
+    def __init__(
+        self,
+        name: str,
+        craft: Callable[..., Tensor],
+        condition: Condition | None = None,
+        *,
+        knowledge: str = "full",
+        **options: Any,
+    ) -> None:
+        check_options(f"the {name!r} attack", craft, options, extra=("knowledge",))
         if knowledge not in KNOWLEDGE:
             raise ValueError(f"knowledge must be one of {list(KNOWLEDGE)}, got {knowledge!r}")
         for option, choices in _CHOICES.items():
             if option in options and options[option] not in choices:
-                raise ValueError(f"{option} must be one of {list(choices)} for the {name!r} attack, got {options[option]!r}")
-        self.name, self.craft, self.knowledge, self.options = name, craft, knowledge, options
-        self.context_args = tuple(arg for arg in _CONTEXT_ARGS if arg in params)
+                raise ValueError(
+                    f"{option} must be one of {list(choices)} for the {name!r} attack, got {options[option]!r}"
+                )
+        self.name, self.craft, self.condition, self.knowledge, self.options = name, craft, condition, knowledge, options
+        self.context_args = context_parameters(craft)
+
+    def require(self, num_clients: int, num_malicious: int) -> None:
+        """Raise a ``ValueError`` unless ``n`` and ``f`` satisfy the attack's condition (none
+        without attackers: nothing is crafted)."""
+        if self.condition is not None and num_malicious > 0:
+            self.condition.check(num_clients, num_malicious)
 
     def __call__(self, updates: Tensor, ctx: RoundContext) -> Tensor:
         if ctx.num_malicious == 0:
@@ -419,29 +486,34 @@ class ModelPoisoning(Attack):
         return out
 
 
+def _checked(cls: type[Attack]) -> Callable[..., Attack]:
+    """Factory ``(**options) -> cls(**options)`` whose options are checked by the binder."""
+
+    def factory(**options: Any) -> Attack:
+        check_options(f"the {cls.name!r} attack", cls, options, skip=0, reads_context=False)
+        return cls(**options)
+
+    return factory
+
+
 #: Attack name -> factory taking the attack's options as keywords (see :func:`make_attack`).
 ATTACKS: dict[str, Callable[..., Attack]] = {
-    "none": Attack,
-    "label_flip": LabelFlip,
+    "none": _checked(Attack),
+    "label_flip": _checked(LabelFlip),
     "gaussian": partial(ModelPoisoning, "gaussian", gaussian),
     "sign_flip": partial(ModelPoisoning, "sign_flip", sign_flip),
-    "lie": partial(ModelPoisoning, "lie", lie),
+    "lie": partial(ModelPoisoning, "lie", lie, LIE_CONDITION),
     "fang_trim": partial(ModelPoisoning, "fang_trim", fang_trim),
-    "fang_krum": partial(ModelPoisoning, "fang_krum", fang_krum),
+    "fang_krum": partial(ModelPoisoning, "fang_krum", fang_krum, FANG_KRUM_CONDITION),
     "min_max": partial(ModelPoisoning, "min_max", min_max),
     "min_sum": partial(ModelPoisoning, "min_sum", min_sum),
-    "backdoor": Backdoor,
+    "backdoor": _checked(Backdoor),
 }
 
 
 def make_attack(name: str, **options: Any) -> Attack:
-    """The attack ``name`` of :data:`ATTACKS` with its ``options``; clear errors for unknown ones."""
+    """The attack ``name`` of :data:`ATTACKS` with its ``options``; clear errors for unknown
+    ones. ``attack.require(n, f)`` then checks the attack's condition on ``n`` and ``f``."""
     if name not in ATTACKS:
         raise ValueError(f"unknown attack {name!r}; known attacks: {sorted(ATTACKS)}")
-    factory = ATTACKS[name]
-    params = inspect.signature(factory).parameters
-    takes_any = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
-    unknown = sorted(set(options) - set(params))
-    if unknown and not takes_any:  # model-poisoning factories check their options themselves
-        raise ValueError(f"unknown option(s) {unknown} for the {name!r} attack; it accepts {sorted(params)}")
-    return factory(**options)
+    return ATTACKS[name](**options)

@@ -94,6 +94,9 @@ class Config:
             )
         if self.rounds < 1:
             raise ValueError(f"rounds must be >= 1, got {self.rounds}")
+        # the attack's and the defense's names, options and conditions on n and f, before any compute
+        make_attack(self.attack, **self.attack_options).require(self.num_clients, self.num_malicious)
+        make_defense(self.defense, **self.defense_options).require(self.num_clients, self.num_malicious)
         check_device(self.device)
 
     def to_dict(self) -> dict[str, Any]:

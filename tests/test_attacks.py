@@ -1,4 +1,5 @@
 import math
+import re
 
 import numpy as np
 import pytest
@@ -8,6 +9,8 @@ from torch import nn
 
 from skymask_lite.attacks import (
     ATTACKS,
+    FANG_KRUM_CONDITION,
+    LIE_CONDITION,
     PERTURBATIONS,
     Attack,
     Backdoor,
@@ -384,3 +387,50 @@ def test_bad_inputs_raise_clear_errors():
         fang_trim(benign, 2, b=0.5)
     with pytest.raises(ValueError, match="at least 2"):
         lie(benign[:1], 1, 10)
+
+
+# ----------------------------------------------------------------------------- the binder and conditions
+
+
+def test_crafting_functions_read_context_fields_by_name_and_list_their_options():
+    assert make_attack("gaussian").context_args == ("num_malicious", "generator")
+    assert make_attack("lie").context_args == ("num_malicious", "num_clients")
+    assert make_attack("fang_krum").context_args == ("num_malicious", "num_clients")
+    assert make_attack("min_max").context_args == ()
+    accepted = "['gamma'] for the 'min_max' attack; it accepts ['knowledge', 'perturbation']"
+    with pytest.raises(ValueError, match=re.escape(accepted)):
+        make_attack("min_max", gamma=3.0)
+    with pytest.raises(ValueError, match=re.escape("['num_clients'] for the 'lie' attack; it accepts ['knowledge']")):
+        make_attack("lie", num_clients=10)  # a context field is read from the round, never an option
+    with pytest.raises(ValueError, match=re.escape("['sigma'] for the 'none' attack; it takes no options")):
+        make_attack("none", sigma=1.0)
+    assert make_attack("label_flip", num_classes=4).num_classes == 4  # set at setup: an option of the class
+
+
+def test_declared_attack_conditions_match_the_attacks_own_checks():
+    benign = benign_updates(nb=30, d=5)
+    for n in range(2, 24):
+        for f in range(1, n):
+            try:
+                lie_z(n, f)
+                lie_ok = True
+            except ValueError:
+                lie_ok = False
+            assert LIE_CONDITION.holds(n, f) == lie_ok, (n, f)
+            try:
+                fang_krum_lambda0(benign, f, n)
+                fang_ok = True
+            except ValueError:
+                fang_ok = False
+            assert FANG_KRUM_CONDITION.holds(n, f) == fang_ok, (n, f)
+
+
+def test_attack_require_checks_its_condition_before_any_round():
+    make_attack("lie").require(10, 5)
+    make_attack("lie").require(10, 0)  # no attacker: nothing to craft
+    with pytest.raises(ValueError, match=re.escape("The LIE attack needs n >= 2f clients; got n=10, f=6")):
+        make_attack("lie").require(10, 6)
+    with pytest.raises(ValueError, match=re.escape("Fang's Krum attack needs n > 2f + 1 clients; got n=10, f=5")):
+        make_attack("fang_krum").require(10, 5)
+    for name in sorted(set(ATTACKS) - {"lie", "fang_krum"}):
+        make_attack(name).require(10, 9)
