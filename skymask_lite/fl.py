@@ -352,12 +352,27 @@ def initial_state(fed: Federation) -> State:
     return State(torch.cat([p.detach().reshape(-1) for p in fed.net.parameters()]).clone(), float_buffers(fed.net))
 
 
+class LocalTrainingDiverged(FloatingPointError):
+    """Local training produced NaN or Inf in round ``round``: ``rows`` are the update rows that
+    diverged (client ids; the server's root update is row ``num_clients``).
+
+    Why a class of its own: the experiment runner tells a model destroyed by an attack (a result
+    to record) from a recipe that diverges by itself (an error to fix) by catching exactly this.
+    """
+
+    def __init__(self, message: str, round: int, rows: list[int], num_clients: int):
+        super().__init__(message)
+        self.round, self.rows, self.num_clients = round, rows, num_clients
+
+
 def check_local_training(updates: torch.Tensor, fed: Federation, rnd: int) -> None:
     """Stop the run when local training diverged (NaN or Inf in an update): ``updates`` holds the
-    clients' rows and, when the defence needs one, the server's root update as row ``n``.
+    clients' rows and, when the defense needs one, the server's root update as row ``n``.
 
-    The simulator's policy: a diverged run is an error, never repaired or dropped silently,
-    because either choice would change what the defence under study sees.
+    The simulator's policy: a diverged round is never repaired or dropped silently, because either
+    choice would change what the defense under study sees. It raises
+    :class:`LocalTrainingDiverged`; the experiment runner records it as the model's collapse
+    when an attack is present, and reports it as an error of the recipe otherwise.
     """
     bad = nonfinite_rows(updates)
     if not bad:
@@ -367,10 +382,11 @@ def check_local_training(updates: torch.Tensor, fed: Federation, rnd: int) -> No
     who = ([f"clients {', '.join(clients)}"] if clients else []) + (
         ["the server's root update"] if bad[-1] >= fed.num_clients else []
     )
-    raise FloatingPointError(
+    raise LocalTrainingDiverged(
         f"round {rnd}: local training diverged for {' and '.join(who)}: their updates contain NaN or Inf. "
         "The run stops instead of dropping or repairing them. Lower the local learning rate "
-        "(--local-lr), clip gradients (--grad-clip) or lower the server's learning rate (--global-lr)."
+        "(--local-lr), clip gradients (--grad-clip) or lower the server's learning rate (--global-lr).",
+        round=rnd, rows=bad, num_clients=fed.num_clients,
     )
 
 
