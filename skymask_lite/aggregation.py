@@ -17,6 +17,10 @@ import torch
 
 from .context import RoundContext
 
+__all__ = [
+    "Aggregation", "BoundRule", "check_updates", "nonfinite_rows",
+]
+
 
 @dataclass
 class Aggregation:

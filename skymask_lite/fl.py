@@ -46,6 +46,14 @@ from .context import LocalRecipe, RoundContext
 from .metrics import accuracy, attack_success_rate, detection_rates
 from .models import channels_last, float_buffers, load_flat, unflatten
 
+__all__ = [
+    "CLIENT_STREAM", "ENGINES", "POISON_STREAM", "ROOT_STREAM", "ROUND_STREAM", "SUBSET_STREAM", "Federation",
+    "LocalTrainingDiverged", "State", "check_local_training", "client_batches", "client_schedules", "derive_seed",
+    "evaluate", "initial_state", "local_sgd", "predict", "resolve_engine", "root_batches",
+    "root_steps_like_clients", "round_context", "round_updates", "run_round", "server_step", "train_clients",
+    "train_clients_batched", "train_clients_loop", "train_clients_parallel", "train_root",
+]
+
 # The independent random streams of a run: fl.derive_seed(seed, round, STREAM, ...) for each.
 CLIENT_STREAM = 0  # client i's batch order in round t: (seed, t, CLIENT_STREAM, i)
 ROUND_STREAM = 1  # the round's generator (attacks' draws, FLAME's noise): (seed, t, ROUND_STREAM)
