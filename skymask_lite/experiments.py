@@ -65,13 +65,14 @@ __all__ = [
 ]
 
 RESULTS_DIR = Path(__file__).resolve().parent.parent / "data" / "results"
-"""The book's results (read by the chapters); new runs go to :data:`DEFAULT_OUT_DIR` unless told."""
+"""The book's results, read by the chapters; new runs go to :data:`DEFAULT_OUT_DIR` unless told otherwise."""
 
 DEFAULT_OUT_DIR = Path("results")
-"""Where the command line and :func:`run_grid` write when no output is given: ``./results/``."""
+"""The folder ``./results/`` of the current directory, where the command line and :func:`run_grid` write
+by default."""
 
 EXECUTION_FIELDS = ("device", "engine", "threads")
-"""Config fields that say how a run is computed, not what it computes: not part of its identity."""
+"""The config fields that say how a run is computed, not what it computes, hence not part of its identity."""
 
 SPLITS = ("bias", "dirichlet")
 
@@ -183,6 +184,9 @@ class Config:
 
 
 _HINTS = typing.get_type_hints(Config)
+Config.__doc__ = (Config.__doc__ or "").rstrip() + "\n\n    Attributes:\n" + "".join(  # from the one source
+    f"        {f.name}: {f.metadata['help']}\n" for f in dataclasses.fields(Config)
+)
 
 
 class UsageError(ValueError):
