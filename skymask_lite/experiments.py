@@ -658,12 +658,20 @@ def run_grid(
 
 def load_results(folder: str | os.PathLike = RESULTS_DIR, **match: Any) -> list[dict[str, Any]]:
     """Every results JSON in ``folder`` (recursively) whose config has the given field values.
+
     Execution fields (device, engine, threads) in ``match`` are ignored: they are not part of a
-    run's identity, so a run computed anywhere matches."""
+    run's identity, so a run computed anywhere matches. A field that a file's config lacks (it was
+    written before the field existed) counts as its default."""
     wanted = {k: v for k, v in match.items() if k not in EXECUTION_FIELDS}
     found = []
     for path in sorted(Path(folder).rglob("*.json")):
         result = json.loads(path.read_text())
-        if "config" in result and all(result["config"].get(k) == v for k, v in wanted.items()):
+        if "config" not in result:
+            continue
+        try:
+            config = run_identity(result["config"])
+        except TypeError:  # a field this version does not know: compare what the file says
+            config = result["config"]
+        if all(config.get(k) == v for k, v in wanted.items()):
             found.append(result)
     return found

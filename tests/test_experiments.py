@@ -202,6 +202,13 @@ def test_recompute_replaces_the_file_on_any_engine(tmp_path, monkeypatch):
     assert len(load_results(tmp_path, **Config(**TINY).to_dict())) == 1
 
 
+def test_load_results_reads_a_missing_field_as_its_default(tmp_path):
+    config = {k: v for k, v in Config(**TINY).to_dict().items() if k not in ("root_steps", "threads")}
+    (tmp_path / "old.json").write_text(json.dumps({"config": config}))
+    assert len(load_results(tmp_path, **Config(**TINY).to_dict())) == 1
+    assert load_results(tmp_path, **Config(**TINY, root_steps=3).to_dict()) == []
+
+
 def test_auto_device_engine_and_threads_are_resolved_and_recorded():
     before = torch.get_num_threads()
     results = run_experiment(Config(**{**TINY, "rounds": 1}, threads=1), progress=False)
