@@ -147,7 +147,8 @@ def _parser() -> argparse.ArgumentParser:
                          epilog=RUN_EXAMPLES.format(prog=prog), formatter_class=argparse.RawDescriptionHelpFormatter)
     _add_config_flags(run, multi=False)
     run.add_argument("--out", type=Path, default=None,
-                     help=f"The results JSON to write. Default: {DEFAULT_OUT_DIR}/<run name>.json in the current folder.")
+                     help=f"The results JSON to write. Default: {DEFAULT_OUT_DIR}/<run name>.json in the current "
+                          "folder.")
     many = sub.add_parser("grid", help="run every combination of several values (resumable)",
                           description="Run every combination of the values given to the flags that take several, "
                                       "one results JSON per run, named after the run.",

@@ -94,14 +94,16 @@ class Config:
     """
 
     dataset: str = _field("fmnist", "The dataset: fmnist (Fashion-MNIST), cifar10 or cifar100.")
-    model: str = _field("cnn", "The network: cnn (the Fashion-MNIST CNN), resnet20 (CIFAR) or lr (logistic regression).")
+    model: str = _field("cnn", "The network: cnn (the Fashion-MNIST CNN), resnet20 (CIFAR) or lr (logistic "
+                               "regression).")
     num_clients: int = _field(100, "Number of clients n; every client takes part in every round.")
     num_malicious: int = _field(0, "Number of malicious clients f, a seeded random choice among the n.")
     split: str = _field("bias", "How the training data is dealt to clients: bias (FLTrust's bias q) or dirichlet.")
     bias: float = _field(0.5, "The bias q in [0, 1] of the bias split: the share of a client's data from its "
                               "group's label (1/L is IID).")
     alpha: float = _field(0.5, "The concentration alpha > 0 of the dirichlet split: small is skewed, large near IID.")
-    root_size: int = _field(100, "Size of the server's clean root set (FLTrust, SkyMask), removed from the clients' data.")
+    root_size: int = _field(100, "Size of the server's clean root set (FLTrust, SkyMask), removed from the "
+                                 "clients' data.")
     root_bias: float | None = _field(None, "Root bias p in [0, 1]: the share of the root set drawn from one class "
                                           "(none: uniform).")
     train_size: int | None = _field(None, "Keep a seeded random subset of this many training examples, for fast "
@@ -145,12 +147,14 @@ class Config:
             _require(value in allowed, key, value, f"unknown {key}; choose one of {', '.join(allowed)}")
         n, f = self.num_clients, self.num_malicious
         _require(n >= 1, "num_clients", n, "there must be at least one client")
-        _require(0 <= f < n, "num_malicious", f, f"must be in [0, num_clients) = [0, {n}): at least one client is honest")
+        _require(0 <= f < n, "num_malicious", f,
+                 f"must be in [0, num_clients) = [0, {n}): at least one client is honest")
         _require(0.0 <= self.bias <= 1.0, "bias", self.bias, "the bias q is a probability; choose it in [0, 1]")
         _require(self.alpha > 0, "alpha", self.alpha, "the Dirichlet concentration must be > 0, e.g. 0.5")
         num_classes = NUM_CLASSES[self.dataset]
         _require(self.split != "bias" or n >= num_classes, "num_clients", n,
-                 f"the bias split needs a client per class group ({num_classes}); use more clients or --split dirichlet")
+                 f"the bias split needs a client per class group ({num_classes}); use more clients or "
+                 "--split dirichlet")
         _require(self.root_size >= 1, "root_size", self.root_size, "the root set needs at least one example")
         _require(self.root_bias is None or 0.0 <= self.root_bias <= 1.0, "root_bias", self.root_bias,
                  "the root bias p is a share; choose it in [0, 1] or none")
@@ -366,7 +370,8 @@ def build(config: Config, data_root: str | os.PathLike | None = None):
     train, test = load_dataset(config.dataset, data_root)
     x, y = train.tensors
     if config.train_size is not None:
-        keep = torch.randperm(len(y), generator=torch.Generator().manual_seed(derive_seed(config.seed, 0, SUBSET_STREAM)))
+        subset = torch.Generator().manual_seed(derive_seed(config.seed, 0, SUBSET_STREAM))
+        keep = torch.randperm(len(y), generator=subset)
         x, y = x[keep[: config.train_size]], y[keep[: config.train_size]]
     root_idx, pool = root_split(
         y, config.root_size, num_classes=num_classes, root_bias=config.root_bias, seed=config.seed
@@ -409,7 +414,8 @@ def _cpu_name() -> str:
 
 def _git(*args: str) -> str:
     """Output of ``git *args`` run in the package's directory."""
-    return subprocess.run(["git", *args], cwd=Path(__file__).parent, capture_output=True, text=True, check=True).stdout.strip()
+    done = subprocess.run(["git", *args], cwd=Path(__file__).parent, capture_output=True, text=True, check=True)
+    return done.stdout.strip()
 
 
 def code_version() -> dict[str, Any]:

@@ -311,7 +311,8 @@ BAD_CONFIGS = [
     ({"root_bias": -0.1}, "--root-bias"), ({"train_size": 10}, "--train-size"), ({"rounds": 0}, "--rounds"),
     ({"local_lr": float("nan")}, "--local-lr"), ({"batch_size": 0}, "--batch-size"), ({"seed": -1}, "--seed"),
     ({"threads": 0}, "--threads"), ({"device": "tpu"}, "--device"), ({"engine": "fast"}, "--engine"),
-    ({"num_clients": 5}, "--num-clients"), ({"defense": "multi_krum", "defense_options": {"m": "x"}}, "--defense-option"),
+    ({"num_clients": 5}, "--num-clients"),
+    ({"defense": "multi_krum", "defense_options": {"m": "x"}}, "--defense-option"),
     ({"attack": "gaussian", "attack_options": {"sigma": "big"}}, "--attack-option"), ({"bias": "0.5"}, "--bias"),
 ]
 
