@@ -24,6 +24,8 @@ import torch
 from torch.utils.data import TensorDataset
 
 DATASETS = ("fmnist", "cifar10", "cifar100")
+TRAIN_SIZES = {"fmnist": 60_000, "cifar10": 50_000, "cifar100": 50_000}
+"""The number of training images of each dataset (checked against a run's settings before loading)."""
 DEBIAN_FMNIST = Path("/usr/share/datasets/fashion-mnist")
 FMNIST_FILES = (
     "train-images-idx3-ubyte",
@@ -34,8 +36,8 @@ FMNIST_FILES = (
 REPO_DATA = Path(__file__).resolve().parent.parent / "data"
 
 __all__ = [
-    "DATASETS", "bias_split", "choose_malicious", "data_dirs", "dirichlet_split", "install_debian_fmnist",
-    "label_shares", "load_dataset", "locate_dataset", "root_split",
+    "DATASETS", "TRAIN_SIZES", "bias_split", "choose_malicious", "data_dirs", "dirichlet_split",
+    "install_debian_fmnist", "label_shares", "load_dataset", "locate_dataset", "root_split",
 ]
 
 

@@ -38,7 +38,16 @@ from tqdm import tqdm
 
 from . import __version__
 from .attacks import ATTACKS, make_attack
-from .data import DATASETS, bias_split, choose_malicious, dirichlet_split, load_dataset, locate_dataset, root_split
+from .data import (
+    DATASETS,
+    TRAIN_SIZES,
+    bias_split,
+    choose_malicious,
+    dirichlet_split,
+    load_dataset,
+    locate_dataset,
+    root_split,
+)
 from .defenses import DEFENSES, make_defense
 from .fl import (
     ENGINES,
@@ -158,6 +167,11 @@ class Config:
         _require(self.root_size >= 1, "root_size", self.root_size, "the root set needs at least one example")
         _require(self.root_bias is None or 0.0 <= self.root_bias <= 1.0, "root_bias", self.root_bias,
                  "the root bias p is a share; choose it in [0, 1] or none")
+        available = TRAIN_SIZES[self.dataset]
+        _require(self.root_size + n <= available, "root_size", self.root_size,
+                 f"the root set and {n} clients need more than the {available} training images of {self.dataset}")
+        _require(self.train_size is None or self.train_size <= available, "train_size", self.train_size,
+                 f"{self.dataset} has {available} training images; ask for at most that many, or none for all")
         _require(self.train_size is None or self.train_size >= self.root_size + n, "train_size", self.train_size,
                  f"must leave data for the root set and the clients: at least root_size + num_clients = "
                  f"{self.root_size + n}, or none for the whole set")
@@ -170,7 +184,7 @@ class Config:
         _require(self.global_lr > 0, "global_lr", self.global_lr, "the server's learning rate must be > 0, e.g. 2.0")
         _require(self.root_steps is None or self.root_steps >= 1, "root_steps", self.root_steps,
                  "the root update takes at least one step, or none for the median client's")
-        _require(self.seed >= 0, "seed", self.seed, "seeds are non-negative integers")
+        _require(0 <= self.seed < 2**63, "seed", self.seed, "seeds are integers in [0, 2**63)")
         _require(self.threads is None or self.threads >= 1, "threads", self.threads,
                  "use at least one thread, or none for torch's default")
         try:

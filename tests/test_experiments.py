@@ -311,7 +311,9 @@ BAD_CONFIGS = [
     ({"root_bias": -0.1}, "--root-bias"), ({"train_size": 10}, "--train-size"), ({"rounds": 0}, "--rounds"),
     ({"local_lr": float("nan")}, "--local-lr"), ({"batch_size": 0}, "--batch-size"), ({"seed": -1}, "--seed"),
     ({"threads": 0}, "--threads"), ({"device": "tpu"}, "--device"), ({"engine": "fast"}, "--engine"),
-    ({"num_clients": 5}, "--num-clients"),
+    ({"num_clients": 5}, "--num-clients"), ({"train_size": 70_000}, "--train-size"),
+    ({"root_size": 60_000}, "--root-size"),
+    ({"seed": 2**64}, "--seed"),
     ({"defense": "multi_krum", "defense_options": {"m": "x"}}, "--defense-option"),
     ({"attack": "gaussian", "attack_options": {"sigma": "big"}}, "--attack-option"), ({"bias": "0.5"}, "--bias"),
 ]
