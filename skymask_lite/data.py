@@ -24,6 +24,8 @@ import torch
 from torch.utils.data import TensorDataset
 
 DATASETS = ("fmnist", "cifar10", "cifar100")
+TRAIN_SIZES = {"fmnist": 60_000, "cifar10": 50_000, "cifar100": 50_000}
+"""The number of training images of each dataset (checked against a run's settings before loading)."""
 DEBIAN_FMNIST = Path("/usr/share/datasets/fashion-mnist")
 FMNIST_FILES = (
     "train-images-idx3-ubyte",
@@ -33,13 +35,28 @@ FMNIST_FILES = (
 )
 REPO_DATA = Path(__file__).resolve().parent.parent / "data"
 
+__all__ = [
+    "DATASETS", "TRAIN_SIZES", "bias_split", "choose_malicious", "data_dirs", "dirichlet_split",
+    "install_debian_fmnist", "label_shares", "load_dataset", "locate_dataset", "root_split",
+]
+
 
 def data_dirs(root: str | os.PathLike | None = None) -> list[Path]:
     """Where datasets are looked for, in order: ``root``, ``$SKYMASK_DATA``, the repository's
-    ``data/`` (in a source checkout), ``./data``."""
+    ``data/`` (in a source checkout), ``./data``.
+
+    An explicit ``$SKYMASK_DATA`` that is not a folder is an error (``FileNotFoundError``), never
+    skipped: a run must not silently read its data from somewhere else than the user said.
+    """
     dirs = [Path(root)] if root is not None else []
     if os.environ.get("SKYMASK_DATA"):
-        dirs.append(Path(os.environ["SKYMASK_DATA"]))
+        chosen = Path(os.environ["SKYMASK_DATA"])
+        if not chosen.is_dir():
+            raise FileNotFoundError(
+                f"SKYMASK_DATA={chosen} is not a folder: point it at the folder that holds FashionMNIST/ "
+                "(or cifar-10-batches-py/, cifar-100-python/), or unset it to use the default places"
+            )
+        dirs.append(chosen)
     if REPO_DATA.is_dir():
         dirs.append(REPO_DATA)
     dirs.append(Path("data"))
@@ -78,15 +95,39 @@ def _fmnist_root(root: str | os.PathLike | None, download: bool) -> tuple[Path, 
     raise FileNotFoundError(_missing_message("fmnist", dirs))
 
 
-def _missing_message(name: str, dirs: list[Path]) -> str:
+def _missing_message(name: str, dirs: list[Path], download_tried: bool = False) -> str:
+    """One line: where ``name`` was looked for and the ways to obtain it (the download only
+    when it was not already tried)."""
     where = ", ".join(str(d) for d in dirs)
-    ways = [
-        f"let torchvision download it: load_dataset({name!r}, download=True) (needs internet)",
-        "point $SKYMASK_DATA (or root=...) at a folder holding torchvision's layout",
-    ]
+    ways = ["point $SKYMASK_DATA at a folder holding torchvision's layout"]
+    if download_tried:
+        ways.insert(0, "torchvision's download failed: connect to the internet and run again")
+    else:
+        ways.insert(0, f"let torchvision download it (needs internet): load_dataset({name!r}, download=True)")
     if name == "fmnist":
         ways.insert(0, "on Debian/Ubuntu: sudo apt-get install dataset-fashion-mnist (works offline from the mirror)")
-    return f"{name} not found in {where}. Ways to obtain it:\n  - " + "\n  - ".join(ways)
+    return f"{name} not found in {where}. Ways to obtain it: " + "; ".join(ways)
+
+
+def locate_dataset(name: str, root: str | os.PathLike | None = None, *, download: bool = True) -> Path:
+    """The folder ``name`` will be read from (no image is loaded): cheap, so a run checks its data
+    before any compute. Fashion-MNIST from the Debian package is unpacked there on the way.
+
+    Raises ``FileNotFoundError`` (one line, with the ways to obtain it) when the dataset is absent
+    and ``download`` is off, and for a ``$SKYMASK_DATA`` that is not a folder.
+    """
+    if name not in DATASETS:
+        raise ValueError(f"unknown dataset {name!r}; choose one of {list(DATASETS)}")
+    if name == "fmnist":
+        return _fmnist_root(root, download)[0]
+    import torchvision.datasets as tvd
+
+    cls = tvd.CIFAR10 if name == "cifar10" else tvd.CIFAR100
+    dirs = data_dirs(root)
+    folder = next((d for d in dirs if _cifar_present(d, cls)), None)
+    if folder is None and not download:
+        raise FileNotFoundError(_missing_message(name, dirs))
+    return folder or dirs[0]
 
 
 def _normalise(images: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
@@ -115,16 +156,24 @@ def load_dataset(
         raise ValueError(f"unknown dataset {name!r}; choose one of {list(DATASETS)}")
     if name == "fmnist":
         folder, fetch = _fmnist_root(root, download)
-        parts = [tvd.FashionMNIST(str(folder), train=t, download=fetch) for t in (True, False)]
+        try:
+            parts = [tvd.FashionMNIST(str(folder), train=t, download=fetch) for t in (True, False)]
+        except (RuntimeError, OSError) as err:
+            said = " ".join(str(err).split())
+            raise FileNotFoundError(
+                _missing_message(name, data_dirs(root), download_tried=fetch) + f" (torchvision said: {said})"
+            ) from err
         arrays = [(p.data.unsqueeze(1), p.targets.long()) for p in parts]
     else:
         cls = tvd.CIFAR10 if name == "cifar10" else tvd.CIFAR100
-        dirs = data_dirs(root)
+        folder = locate_dataset(name, root, download=download)
         try:
-            folder = next((d for d in dirs if _cifar_present(d, cls)), dirs[0])
             parts = [cls(str(folder), train=t, download=download) for t in (True, False)]
         except (RuntimeError, OSError) as err:
-            raise FileNotFoundError(_missing_message(name, dirs) + f"\n(torchvision said: {err})") from err
+            said = " ".join(str(err).split())
+            raise FileNotFoundError(
+                _missing_message(name, data_dirs(root), download_tried=download) + f" (torchvision said: {said})"
+            ) from err
         arrays = [
             (torch.from_numpy(np.asarray(p.data)).permute(0, 3, 1, 2), torch.as_tensor(p.targets, dtype=torch.long))
             for p in parts

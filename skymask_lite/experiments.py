@@ -3,10 +3,16 @@
 A results file is the only way a number reaches the book. Its keys:
 
 * ``config``: the full :class:`Config` (the seed included),
-* ``malicious``: the malicious clients' ids,
+* ``malicious``: the ids of the clients scored as malicious (none when nobody attacks),
 * ``rounds``: one record per round, ``{round, test_acc, kept, fpr, fnr, [asr], seconds, timing}``,
-* ``final``: last accuracy (and ASR), mean FPR/FNR over the rounds, seconds per round,
-* ``env``: package version, git commit, torch version, device, threads, python, wall time.
+* ``final``: last accuracy (and ASR), mean FPR/FNR over the rounds, seconds per round, and
+  ``collapsed = {round, reason}`` when an attack destroyed the model,
+* ``env``: package version, git commit and ``git_dirty`` (read when the run started), torch
+  version, the device, engine and thread count that ran it, python, wall time, sessions.
+
+A run's identity is its config without the execution fields (:data:`EXECUTION_FIELDS`: device,
+engine, threads): the same experiment computed on a GPU has the same name as on a CPU and
+replaces or matches its file, never sits beside it.
 """
 
 from __future__ import annotations
@@ -15,10 +21,14 @@ import dataclasses
 import hashlib
 import itertools
 import json
+import math
 import os
 import platform
 import subprocess
+import tempfile
 import time
+import types
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable
@@ -27,114 +37,361 @@ import torch
 from tqdm import tqdm
 
 from . import __version__
-from .attacks import make_attack
-from .data import DATASETS, bias_split, choose_malicious, dirichlet_split, load_dataset, root_split
-from .defenses import make_defense
+from .attacks import ATTACKS, make_attack
+from .data import (
+    DATASETS,
+    TRAIN_SIZES,
+    bias_split,
+    choose_malicious,
+    dirichlet_split,
+    load_dataset,
+    locate_dataset,
+    root_split,
+)
+from .defenses import DEFENSES, make_defense
 from .fl import (
     ENGINES,
     POISON_STREAM,
     SUBSET_STREAM,
     Federation,
     LocalRecipe,
+    LocalTrainingDiverged,
     State,
     derive_seed,
+    evaluate,
     initial_state,
+    resolve_engine,
     run_round,
 )
+from .metrics import detection_rates
 from .models import MODELS, NUM_CLASSES, make_model
 
+__all__ = [
+    "Config", "ConfigError", "DEFAULT_OUT_DIR", "EXECUTION_FIELDS", "OutputPathError", "RESULTS_DIR",
+    "ResumeRefused", "UsageError", "attack_present", "build", "check_output", "code_version", "environment",
+    "grid", "load_results", "resolve_device", "run_experiment", "run_grid", "run_identity", "run_name",
+    "same_run", "summarize",
+]
+
 RESULTS_DIR = Path(__file__).resolve().parent.parent / "data" / "results"
+"""The book's results, read by the chapters; new runs go to :data:`DEFAULT_OUT_DIR` unless told otherwise."""
+
+DEFAULT_OUT_DIR = Path("results")
+"""The folder ``./results/`` of the current directory, where the command line and :func:`run_grid` write
+by default."""
+
+EXECUTION_FIELDS = ("device", "engine", "threads")
+"""The config fields that say how a run is computed, not what it computes, hence not part of its identity."""
+
+SPLITS = ("bias", "dirichlet")
+
+
+def _field(default: Any, help: str) -> Any:
+    """A config field whose ``help`` (one sentence) is the one source of its meaning: the docs
+    of :class:`Config` and the command line's ``--help`` are both written from it."""
+    if isinstance(default, dict):
+        return field(default_factory=dict, metadata={"help": help})
+    return field(default=default, metadata={"help": help})
 
 
 @dataclass
 class Config:
     """One federated run. Defaults: the book's Fashion-MNIST recipe (see README, "Recipe").
 
-    ``train_size`` keeps a seeded random subset of the training pool (fast demos);
-    ``root_steps`` is the number of SGD steps of the server's root update (``None``: as many
-    as the median client makes in its local epochs).
+    Device, engine and threads are execution details (:data:`EXECUTION_FIELDS`): recorded in a
+    result's ``env``, never part of its identity (:func:`run_name`).
     """
 
-    dataset: str = "fmnist"
-    model: str = "cnn"
-    num_clients: int = 100
-    num_malicious: int = 0
-    split: str = "bias"
-    bias: float = 0.5
-    alpha: float = 0.5
-    root_size: int = 100
-    root_bias: float | None = None
-    train_size: int | None = None
-    rounds: int = 30
-    attack: str = "none"
-    attack_options: dict[str, Any] = field(default_factory=dict)
-    defense: str = "fedavg"
-    defense_options: dict[str, Any] = field(default_factory=dict)
-    local_lr: float = 0.1
-    batch_size: int = 16
-    local_epochs: int = 1
-    grad_clip: float | None = None
-    global_lr: float = 2.0
-    root_steps: int | None = None
-    engine: str = "loop"
-    seed: int = 0
-    device: str = "cpu"
+    dataset: str = _field("fmnist", "The dataset: fmnist (Fashion-MNIST), cifar10 or cifar100.")
+    model: str = _field("cnn", "The network: cnn (the Fashion-MNIST CNN), resnet20 (CIFAR) or lr (logistic "
+                               "regression).")
+    num_clients: int = _field(100, "Number of clients n; every client takes part in every round.")
+    num_malicious: int = _field(0, "Number of malicious clients f, a seeded random choice among the n.")
+    split: str = _field("bias", "How the training data is dealt to clients: bias (FLTrust's bias q) or dirichlet.")
+    bias: float = _field(0.5, "The bias q in [0, 1] of the bias split: the share of a client's data from its "
+                              "group's label (1/L is IID).")
+    alpha: float = _field(0.5, "The concentration alpha > 0 of the dirichlet split: small is skewed, large near IID.")
+    root_size: int = _field(100, "Size of the server's clean root set (FLTrust, SkyMask), removed from the "
+                                 "clients' data.")
+    root_bias: float | None = _field(None, "Root bias p in [0, 1]: the share of the root set drawn from one class "
+                                          "(none: uniform).")
+    train_size: int | None = _field(None, "Keep a seeded random subset of this many training examples, for fast "
+                                          "demos (none: all).")
+    rounds: int = _field(30, "Number of federated rounds.")
+    attack: str = _field("none", "The malicious clients' attack (none: nobody attacks and nobody is scored as "
+                                 "malicious).")
+    attack_options: dict[str, Any] = _field({}, "Keyword options of the attack, e.g. sigma=0.1 for gaussian.")
+    defense: str = _field("fedavg", "The server's aggregation rule (defense).")
+    defense_options: dict[str, Any] = _field({}, "Keyword options of the defense, e.g. m=10 for multi_krum.")
+    local_lr: float = _field(0.1, "Learning rate of the clients' local SGD.")
+    batch_size: int = _field(16, "Mini-batch size of the clients' local SGD.")
+    local_epochs: int = _field(1, "Passes over its own data each client makes per round.")
+    grad_clip: float | None = _field(None, "Clamp every gradient element to [-grad_clip, grad_clip] in local SGD "
+                                           "(none: no clamping).")
+    global_lr: float = _field(2.0, "The server's learning rate eta in w <- w + eta x aggregate.")
+    root_steps: int | None = _field(None, "SGD steps of the server's root update g0 (none: as many as the median "
+                                          "client makes).")
+    engine: str = _field("auto", "How clients are trained, an execution detail: auto (batched on a GPU, parallel "
+                                 "on a CPU), loop, parallel or batched.")
+    seed: int = _field(0, "The seed of every random choice: split, attackers, initial model, batch order.")
+    device: str = _field("auto", "Where to compute, an execution detail: auto (CUDA when available, else the CPU), "
+                                 "cpu, cuda or cuda:N.")
+    threads: int | None = _field(None, "Torch threads for the run, an execution detail (none: torch's default, the "
+                                       "cores); the parallel engine trains one client per thread.")
+
+    def __post_init__(self) -> None:
+        for f in dataclasses.fields(self):  # 1 and 1.0 are the same setting (and the same run name)
+            value = getattr(self, f.name)
+            if _HINTS.get(f.name) in (float, float | None) and type(value) is int:
+                setattr(self, f.name, float(value))
 
     def validate(self) -> None:
-        """Raise ``ValueError`` for impossible or unknown settings, saying how to fix them."""
-        choices = {"dataset": DATASETS, "model": MODELS, "engine": ENGINES, "split": ("bias", "dirichlet")}
+        """Raise :class:`ConfigError` (a ``ValueError`` naming the field and the fix) for an
+        unknown or impossible setting. Cheap: no data is read and nothing is trained."""
+        _check_types(self)
+        choices = {"dataset": DATASETS, "model": MODELS, "split": SPLITS, "engine": ("auto", *ENGINES),
+                   "attack": tuple(ATTACKS), "defense": tuple(DEFENSES)}
         for key, allowed in choices.items():
-            if getattr(self, key) not in allowed:
-                raise ValueError(f"unknown {key} {getattr(self, key)!r}; choose one of {list(allowed)}")
-        if self.num_clients < 1:
-            raise ValueError(f"num_clients must be >= 1, got {self.num_clients}")
-        if not 0 <= self.num_malicious < self.num_clients:
-            raise ValueError(
-                f"num_malicious must be in [0, num_clients) = [0, {self.num_clients}), got {self.num_malicious}"
-            )
-        if self.rounds < 1:
-            raise ValueError(f"rounds must be >= 1, got {self.rounds}")
-        # the attack's and the defense's names, options and conditions on n and f, before any compute
-        make_attack(self.attack, **self.attack_options).require(self.num_clients, self.num_malicious)
-        make_defense(self.defense, **self.defense_options).require(self.num_clients, self.num_malicious)
-        check_device(self.device)
+            value = getattr(self, key)
+            _require(value in allowed, key, value, f"unknown {key}; choose one of {', '.join(allowed)}")
+        n, f = self.num_clients, self.num_malicious
+        _require(n >= 1, "num_clients", n, "there must be at least one client")
+        _require(0 <= f < n, "num_malicious", f,
+                 f"must be in [0, num_clients) = [0, {n}): at least one client is honest")
+        _require(0.0 <= self.bias <= 1.0, "bias", self.bias, "the bias q is a probability; choose it in [0, 1]")
+        _require(self.alpha > 0, "alpha", self.alpha, "the Dirichlet concentration must be > 0, e.g. 0.5")
+        num_classes = NUM_CLASSES[self.dataset]
+        _require(self.split != "bias" or n >= num_classes, "num_clients", n,
+                 f"the bias split needs a client per class group ({num_classes}); use more clients or "
+                 "--split dirichlet")
+        _require(self.root_size >= 1, "root_size", self.root_size, "the root set needs at least one example")
+        _require(self.root_bias is None or 0.0 <= self.root_bias <= 1.0, "root_bias", self.root_bias,
+                 "the root bias p is a share; choose it in [0, 1] or none")
+        available = TRAIN_SIZES[self.dataset]
+        _require(self.root_size + n <= available, "root_size", self.root_size,
+                 f"the root set and {n} clients need more than the {available} training images of {self.dataset}")
+        _require(self.train_size is None or self.train_size <= available, "train_size", self.train_size,
+                 f"{self.dataset} has {available} training images; ask for at most that many, or none for all")
+        _require(self.train_size is None or self.train_size >= self.root_size + n, "train_size", self.train_size,
+                 f"must leave data for the root set and the clients: at least root_size + num_clients = "
+                 f"{self.root_size + n}, or none for the whole set")
+        _require(self.rounds >= 1, "rounds", self.rounds, "run at least one round")
+        _require(self.local_lr > 0, "local_lr", self.local_lr, "the local learning rate must be > 0, e.g. 0.1")
+        _require(self.batch_size >= 1, "batch_size", self.batch_size, "a mini-batch holds at least one example")
+        _require(self.local_epochs >= 1, "local_epochs", self.local_epochs, "clients train at least one epoch")
+        _require(self.grad_clip is None or self.grad_clip > 0, "grad_clip", self.grad_clip,
+                 "the clamp bound must be > 0, or none for no clamping")
+        _require(self.global_lr > 0, "global_lr", self.global_lr, "the server's learning rate must be > 0, e.g. 2.0")
+        _require(self.root_steps is None or self.root_steps >= 1, "root_steps", self.root_steps,
+                 "the root update takes at least one step, or none for the median client's")
+        _require(0 <= self.seed < 2**63, "seed", self.seed, "seeds are integers in [0, 2**63)")
+        _require(self.threads is None or self.threads >= 1, "threads", self.threads,
+                 "use at least one thread, or none for torch's default")
+        try:
+            make_model(self.model, self.dataset)
+        except ValueError as err:
+            raise ConfigError("model", self.model, str(err)) from None
+        device = resolve_device(self.device)
+        engine = resolve_engine(self.engine, device)
+        _require(not (engine == "parallel" and device.type != "cpu"), "engine", self.engine,
+                 f"the parallel engine spreads clients over CPU threads; on {device} use batched or loop")
+        _attack_and_defense(self)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
 
-def check_device(device: str) -> torch.device:
-    """The torch device for ``device``; a clear error if CUDA is asked for but absent."""
-    dev = torch.device(device)
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device {device!r} asked for but CUDA is not available here; use --device cpu")
+_HINTS = typing.get_type_hints(Config)
+Config.__doc__ = (Config.__doc__ or "").rstrip() + "\n\n    Attributes:\n" + "".join(  # from the one source
+    f"        {f.name}: {f.metadata['help']}\n" for f in dataclasses.fields(Config)
+)
+
+
+class UsageError(ValueError):
+    """A bad setting found before any compute: ``name`` (a config field or an argument), its
+    ``value`` and the ``problem`` with its fix; :meth:`for_cli` says it with the flag ``flag``."""
+
+    def __init__(self, name: str, flag: str, value: Any, problem: str):
+        self.name, self.flag, self.value, self.problem = name, flag, value, problem
+        super().__init__(f"{name}={value!r}: {problem}")
+
+    def for_cli(self) -> str:
+        """One line naming the command-line flag."""
+        value = "none" if self.value is None else self.value
+        if isinstance(value, dict):
+            value = " ".join(f"{key}={item}" for key, item in value.items()) or "(none)"
+        return f"{self.flag} {value}: {self.problem}"
+
+
+class ConfigError(UsageError):
+    """A :class:`Config` field with an impossible or unknown value."""
+
+    def __init__(self, name: str, value: Any, problem: str):
+        flag = {"attack_options": "--attack-option", "defense_options": "--defense-option"}.get(name)
+        super().__init__(name, flag or "--" + name.replace("_", "-"), value, problem)
+
+
+class OutputPathError(UsageError):
+    """An output file or folder that cannot be written."""
+
+
+class ResumeRefused(ValueError):
+    """A checkpoint written by another version of the code: resuming it would mix versions in one result."""
+
+
+def _require(ok: bool, name: str, value: Any, problem: str) -> None:
+    if not ok:
+        raise ConfigError(name, value, problem)
+
+
+def _check_types(config: Config) -> None:
+    """Every field has its annotated type (an int is a float; a float must be finite)."""
+    for f in dataclasses.fields(config):
+        value, hint = getattr(config, f.name), _HINTS[f.name]
+        kinds = _kinds(hint)
+        ok = isinstance(value, kinds) and not isinstance(value, bool)
+        if ok and isinstance(value, float):
+            ok = math.isfinite(value)
+        names = " or ".join("none" if k is type(None) else k.__name__ for k in kinds)
+        _require(ok, f.name, value, f"expected {names}" + (" (finite)" if float in kinds else ""))
+
+
+def _kinds(hint: Any) -> tuple[type, ...] | None:
+    """The classes a value annotated ``hint`` may be (``None`` when the hint is not a plain class or union)."""
+    union = typing.get_origin(hint) in (typing.Union, types.UnionType)
+    kinds = tuple(typing.get_origin(a) or a for a in (typing.get_args(hint) if union else (hint,)))
+    return kinds if all(isinstance(k, type) for k in kinds) else None
+
+
+def _check_option_types(name: str, owner: Any, options: dict[str, Any]) -> None:
+    """Each option of the attack or defense ``owner`` has the type its function annotates (an int
+    is a float), so that ``m=x`` fails here, not in the middle of a round."""
+    func = getattr(owner, "craft", None) or getattr(owner, "rule", None) or type(owner).__init__
+    try:
+        hints = typing.get_type_hints(func)
+    except (NameError, TypeError):  # an annotation this check cannot evaluate: the function checks itself
+        return
+    for key, value in options.items():
+        kinds = _kinds(hints.get(key))
+        if kinds is None:
+            continue
+        ok = isinstance(value, kinds) or (float in kinds and isinstance(value, int) and not isinstance(value, bool))
+        if not ok:
+            names = " or ".join("none" if k is type(None) else k.__name__ for k in kinds)
+            raise ConfigError(name, options, f"option {key}={value!r} must be {names}")
+
+
+def _attack_and_defense(config: Config):
+    """The attack and the defense of ``config``; bad options become a :class:`ConfigError`."""
+    attack_options = dict(config.attack_options)
+    if config.attack == "label_flip":
+        attack_options.setdefault("num_classes", NUM_CLASSES[config.dataset])
+    try:
+        attack = make_attack(config.attack, **attack_options)
+    except (TypeError, ValueError) as err:
+        raise ConfigError("attack_options", config.attack_options, f"{err}") from None
+    try:
+        defense = make_defense(config.defense, **config.defense_options)
+    except (TypeError, ValueError) as err:
+        raise ConfigError("defense_options", config.defense_options, f"{err}") from None
+    _check_option_types("attack_options", attack, config.attack_options)
+    _check_option_types("defense_options", defense, config.defense_options)
+    # each rule's and attack's condition on n and f (e.g. Krum: n > 2f + 2), before any compute
+    for name, rule in (("attack", attack), ("defense", defense)):
+        try:
+            rule.require(config.num_clients, config.num_malicious)
+        except ValueError as err:
+            raise ConfigError(name, getattr(config, name), f"{err}") from None
+    return attack, defense
+
+
+def resolve_device(device: str | torch.device) -> torch.device:
+    """The torch device of ``device``: ``"auto"`` is CUDA when available, else the CPU; a clear
+    :class:`ConfigError` for a name torch does not know or a CUDA device this machine lacks."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise ConfigError("device", device, "unknown device; use auto, cpu, cuda or cuda:N") from None
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ConfigError("device", device, "CUDA is not available here; use --device cpu (or auto)")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise ConfigError("device", device, f"this machine has {torch.cuda.device_count()} CUDA device(s); "
+                                                "use cuda:0 or auto")
+    elif dev.type != "cpu":
+        raise ConfigError("device", device, "the simulator runs on cpu or cuda; use auto, cpu or cuda")
     return dev
 
 
+def run_identity(config: Config | dict[str, Any]) -> dict[str, Any]:
+    """What a run computes: its config without the :data:`EXECUTION_FIELDS` (a dict is read as
+    a config first, so that fields it lacks take their defaults)."""
+    values = config.to_dict() if isinstance(config, Config) else Config(**config).to_dict()
+    return {key: value for key, value in values.items() if key not in EXECUTION_FIELDS}
+
+
+def same_run(a: Config | dict[str, Any], b: Config | dict[str, Any]) -> bool:
+    """Whether two configs describe the same experiment (same :func:`run_identity`)."""
+    try:
+        return run_identity(a) == run_identity(b)
+    except TypeError:  # a config dict with a field this version does not know
+        return False
+
+
 def run_name(config: Config) -> str:
-    """A readable, unique file stem: key settings plus a hash of the whole config."""
-    digest = hashlib.sha1(json.dumps(config.to_dict(), sort_keys=True).encode()).hexdigest()[:8]
+    """A readable, unique file stem: key settings plus a hash of the run's identity (the config
+    without device, engine and threads, :func:`run_identity`)."""
+    identity = json.dumps(run_identity(config), sort_keys=True)
+    digest = hashlib.sha1(identity.encode()).hexdigest()[:8]
     return (
         f"{config.dataset}-{config.model}-n{config.num_clients}-f{config.num_malicious}-"
         f"{config.attack}-{config.defense}-r{config.rounds}-s{config.seed}-{digest}"
     )
 
 
+def attack_present(config: Config) -> bool:
+    """Whether some client attacks: an attack other than ``"none"`` and at least one malicious client."""
+    return config.attack != "none" and config.num_malicious > 0
+
+
+def check_output(path: str | os.PathLike, flag: str = "--out", *, folder: bool = False) -> Path:
+    """Make sure ``path`` (a results file, or with ``folder`` a results folder) can be written:
+    its folder is created and a file is written to it and removed. Raises
+    :class:`OutputPathError` (naming ``flag``) before any compute rather than after it."""
+    path = Path(path)
+    target = path if folder else path.parent
+    name = flag.lstrip("-").replace("-", "_")
+    if not folder and path.is_dir():
+        raise OutputPathError(name, flag, path, f"is a folder; give a file, e.g. {path / 'run.json'}")
+    try:
+        target.mkdir(parents=True, exist_ok=True)
+        handle, probe = tempfile.mkstemp(prefix=".write-check-", dir=target)
+        os.close(handle)
+        os.unlink(probe)
+    except OSError as err:
+        reason = err.strerror or type(err).__name__
+        raise OutputPathError(name, flag, path, f"cannot write to the folder {target} ({reason}); "
+                                                "choose a writable location") from None
+    if not folder and path.exists() and not os.access(path, os.W_OK):
+        raise OutputPathError(name, flag, path, "the file exists and is read-only; choose another path")
+    return path
+
+
 def build(config: Config, data_root: str | os.PathLike | None = None):
-    """The :class:`~skymask_lite.fl.Federation`, the attack and the defence of ``config``."""
+    """The :class:`~skymask_lite.fl.Federation`, the attack and the defense of ``config``, on
+    its resolved device and engine (:func:`resolve_device`, :func:`~skymask_lite.fl.resolve_engine`)."""
     config.validate()
     num_classes = NUM_CLASSES[config.dataset]
-    attack_options = dict(config.attack_options)
-    if config.attack == "label_flip":
-        attack_options.setdefault("num_classes", num_classes)
-    attack = make_attack(config.attack, **attack_options)
-    defense = make_defense(config.defense, **config.defense_options)
-    device = check_device(config.device)
+    attack, defense = _attack_and_defense(config)
+    device = resolve_device(config.device)
     net = make_model(config.model, config.dataset, seed=config.seed).to(device)
     train, test = load_dataset(config.dataset, data_root)
     x, y = train.tensors
     if config.train_size is not None:
-        keep = torch.randperm(len(y), generator=torch.Generator().manual_seed(derive_seed(config.seed, 0, SUBSET_STREAM)))
+        subset = torch.Generator().manual_seed(derive_seed(config.seed, 0, SUBSET_STREAM))
+        keep = torch.randperm(len(y), generator=subset)
         x, y = x[keep[: config.train_size]], y[keep[: config.train_size]]
     root_idx, pool = root_split(
         y, config.root_size, num_classes=num_classes, root_bias=config.root_bias, seed=config.seed
@@ -158,7 +415,7 @@ def build(config: Config, data_root: str | os.PathLike | None = None):
         recipe=LocalRecipe(config.local_lr, config.batch_size, config.local_epochs, config.grad_clip),
         global_lr=config.global_lr,
         root_steps=config.root_steps,
-        engine=config.engine,
+        engine=resolve_engine(config.engine, device),
         seed=config.seed,
     )
     return fed, attack, defense
@@ -177,27 +434,44 @@ def _cpu_name() -> str:
 
 def _git(*args: str) -> str:
     """Output of ``git *args`` run in the package's directory."""
-    return subprocess.run(["git", *args], cwd=Path(__file__).parent, capture_output=True, text=True, check=True).stdout.strip()
+    done = subprocess.run(["git", *args], cwd=Path(__file__).parent, capture_output=True, text=True, check=True)
+    return done.stdout.strip()
 
 
-def environment(device: str) -> dict[str, Any]:
-    """Where a result was computed: versions, git commit (and whether tracked files had
-    uncommitted changes, ``git_dirty``), device, threads."""
+def code_version() -> dict[str, Any]:
+    """The version of the code that runs: package version, git commit, ``git_dirty`` (uncommitted
+    changes to the package's tracked files) and a hash of those changes (``git_diff``); the git
+    entries are ``None`` outside a repository. Read when a run starts; a checkpoint resumes only
+    under the same version."""
     try:
-        commit, dirty = _git("rev-parse", "HEAD"), bool(_git("status", "--porcelain", "--untracked-files=no"))
+        commit = _git("rev-parse", "HEAD")
+        dirty = bool(_git("status", "--porcelain", "--untracked-files=no", "--", "."))
+        diff = hashlib.sha1(_git("diff", "HEAD", "--", ".").encode()).hexdigest()[:12] if dirty else None
     except (OSError, subprocess.CalledProcessError):
-        commit = dirty = None
-    dev = torch.device(device)
-    return {
-        "package_version": __version__,
-        "git_commit": commit,
-        "git_dirty": dirty,
+        commit = dirty = diff = None
+    return {"package_version": __version__, "git_commit": commit, "git_dirty": dirty, "git_diff": diff}
+
+
+def environment(
+    device: str | torch.device, engine: str | None = None, code: dict[str, Any] | None = None
+) -> dict[str, Any]:
+    """Where a result was computed: versions, git commit and ``git_dirty`` (of ``code``, default:
+    :func:`code_version` now), the resolved device and engine, torch's thread count."""
+    dev = resolve_device(device)
+    code = code if code is not None else code_version()
+    env = {
+        "package_version": code["package_version"],
+        "git_commit": code["git_commit"],
+        "git_dirty": code["git_dirty"],
         "torch_version": torch.__version__,
         "python_version": platform.python_version(),
-        "device": device,
+        "device": str(dev),
         "device_name": torch.cuda.get_device_name(dev) if dev.type == "cuda" else _cpu_name(),
         "threads": torch.get_num_threads(),
     }
+    if engine is not None:
+        env["engine"] = resolve_engine(engine, dev)
+    return env
 
 
 def summarize(records: list[dict[str, Any]]) -> dict[str, Any]:
@@ -219,6 +493,66 @@ def summarize(records: list[dict[str, Any]]) -> dict[str, Any]:
     return final
 
 
+def _finished(done: dict[str, Any], config: Config) -> bool:
+    """Whether the results ``done`` are a finished run of ``config`` (all rounds, or a recorded collapse)."""
+    complete = len(done.get("rounds", [])) == config.rounds or "collapsed" in done.get("final", {})
+    return complete and same_run(done.get("config", {}), config)
+
+
+def _collapsed_round(fed: Federation, state: State, attack: Any, err: LocalTrainingDiverged, seconds: float):
+    """The record of the round in which local training diverged under attack: the server could
+    aggregate nothing (``kept`` empty, no FPR/FNR), the global model is the destroyed one."""
+    return {"round": err.round, **evaluate(fed, state, attack), "kept": [], "fpr": None, "fnr": None,
+            "defense_info": {}, "collapsed": True, "seconds": seconds, "timing": {}}
+
+
+def _collapse_reason(err: LocalTrainingDiverged) -> str:
+    clients = sum(row < err.num_clients for row in err.rows)
+    root = " and the server's root update" if err.rows and err.rows[-1] >= err.num_clients else ""
+    return (f"local training diverged (NaN or Inf) for {clients} of {err.num_clients} clients{root}: "
+            "the attack destroyed the global model")
+
+
+def _rescore(record: dict[str, Any], num_clients: int) -> None:
+    """Without an attack nobody is malicious: FPR over all clients, FNR undefined (``None``)."""
+    kept = torch.tensor(record["kept"], dtype=torch.long)
+    record.update(detection_rates(kept, torch.empty(0, dtype=torch.long), num_clients))
+
+
+def _load_checkpoint(ckpt_path: Path, config: Config, code: dict[str, Any], device: torch.device):
+    """The checkpoint of this run, or ``None`` (absent, or another run's). Raises
+    :class:`ResumeRefused` when it was written by another version of the code."""
+    if not ckpt_path.exists():
+        return None
+    ckpt = torch.load(ckpt_path, map_location=device, weights_only=False)
+    if not same_run(ckpt.get("config", {}), config):
+        return None
+    then = ckpt.get("code")
+    if then != code:
+        def says(v):
+            if v is None:
+                return "an unknown version (written before versions were recorded)"
+            dirty = f" with uncommitted changes {v['git_diff']}" if v.get("git_dirty") else ""
+            return f"commit {str(v['git_commit'])[:12]}{dirty} (package {v['package_version']})"
+
+        raise ResumeRefused(
+            f"checkpoint {ckpt_path} was written by {says(then)}, this code is {says(code)}; resuming would mix "
+            "two code versions in one result. Restart the run from round 0 with --no-resume "
+            "(Python: run_experiment(..., resume=False)), or check out the checkpoint's commit to finish it"
+        )
+    return ckpt
+
+
+def _save_checkpoint(ckpt_path: Path, content: dict[str, Any]) -> None:
+    partial = ckpt_path.with_suffix(".partial")  # atomic: an interrupted save leaves the old checkpoint
+    torch.save(content, partial)
+    os.replace(partial, ckpt_path)
+
+
+def _now() -> float:
+    return time.perf_counter()
+
+
 def run_experiment(
     config: Config,
     out: str | os.PathLike | None = None,
@@ -229,46 +563,94 @@ def run_experiment(
 ) -> dict[str, Any]:
     """Run ``config`` and return (and, with ``out``, write) its results.
 
-    With ``resume``, a finished results file for the same config is returned as is, and an
-    interrupted run continues from its checkpoint (``<out>.ckpt.pt``, written after every
-    round, removed at the end).
+    Everything is checked before any compute: the config, the output path, the checkpoint's code
+    version, the data location. With ``resume``, a finished results file of the same run
+    (:func:`same_run`) is returned as is, and an interrupted run continues from its checkpoint
+    (``<out>.ckpt.pt``, written when the run starts and after every round, removed at the end)
+    when the code version is the one that wrote it (else :class:`ResumeRefused`). Without
+    ``resume`` the run is computed from round 0 and its file replaced.
+
+    When an attack is present and local training diverges (the attack destroyed the global model),
+    the run ends as a result: the rounds so far, the collapsed round and ``final["collapsed"] =
+    {round, reason}``. Without an attack the divergence is an error of the recipe
+    (:class:`~skymask_lite.fl.LocalTrainingDiverged`).
+
+    With ``attack="none"`` nobody is scored as malicious (``malicious`` empty, FPR over all clients,
+    FNR ``None``); training is unchanged (the defense still sees ``num_malicious``), so results
+    computed before this rule keep their training and differ only in those scores.
+    ``env["wall_seconds"]`` sums every session's time up to its last saved round.
     """
-    out_path = Path(out) if out is not None else None
+    config.validate()
+    out_path = check_output(out) if out is not None else None
     ckpt_path = out_path.with_suffix(".ckpt.pt") if out_path else None
     if resume and out_path and out_path.exists():
         done = json.loads(out_path.read_text())
-        if done.get("config") == config.to_dict() and len(done.get("rounds", [])) == config.rounds:
+        if _finished(done, config):
             return done
+    started = _now()
+    code, device = code_version(), resolve_device(config.device)
+    ckpt = _load_checkpoint(ckpt_path, config, code, device) if resume and ckpt_path else None
+    locate_dataset(config.dataset, data_root)
+    old_threads = torch.get_num_threads()
+    if config.threads is not None:
+        torch.set_num_threads(config.threads)
+    try:
+        return _run(config, out_path, ckpt_path, ckpt, code, started, progress, data_root)
+    finally:
+        torch.set_num_threads(old_threads)
+
+
+def _run(config, out_path, ckpt_path, ckpt, code, started, progress, data_root) -> dict[str, Any]:
+    """The body of :func:`run_experiment`, once everything is checked."""
     torch.manual_seed(config.seed)
     fed, attack, defense = build(config, data_root)
-    state, records, earlier = initial_state(fed), [], 0.0
-    if resume and ckpt_path and ckpt_path.exists():
-        ckpt = torch.load(ckpt_path, map_location=config.device, weights_only=False)
-        if ckpt["config"] == config.to_dict():
-            state, records, defense = ckpt["state"], ckpt["records"], ckpt["defense"]
-            earlier = ckpt.get("wall_seconds", 0.0)  # time spent before the interruption
-    started = time.perf_counter()
-    for _ in tqdm(range(state.round, config.rounds), desc=run_name(config), disable=not progress, initial=state.round, total=config.rounds):
-        records.append(run_round(fed, state, attack, defense))
+    state, records, earlier, sessions = initial_state(fed), [], 0.0, 1
+    if ckpt is not None:
+        state, records, defense = ckpt["state"], ckpt["records"], ckpt["defense"]
+        earlier, sessions = ckpt["wall_seconds"], ckpt["sessions"] + 1  # the sessions before this one
+    attacked, collapsed = attack_present(config), None
+
+    def save() -> None:
         if ckpt_path:
-            ckpt_path.parent.mkdir(parents=True, exist_ok=True)
-            partial = ckpt_path.with_suffix(".partial")  # atomic: an interrupted save leaves the old checkpoint
-            wall = earlier + time.perf_counter() - started
-            torch.save({"config": config.to_dict(), "state": state, "records": records, "defense": defense,
-                        "wall_seconds": wall}, partial)
-            os.replace(partial, ckpt_path)
-    env = environment(config.device)
-    env["wall_seconds"] = earlier + time.perf_counter() - started  # all sessions of a resumed run
+            _save_checkpoint(ckpt_path, {"config": config.to_dict(), "code": code, "state": state, "records": records,
+                                         "defense": defense, "wall_seconds": earlier + _now() - started,
+                                         "sessions": sessions})
+
+    save()  # the code version is on disk from the start
+    bar = tqdm(range(state.round, config.rounds), desc=run_name(config), disable=not progress, initial=state.round,
+               total=config.rounds)
+    for _ in bar:
+        t0 = _now()
+        try:
+            record = run_round(fed, state, attack, defense)
+        except LocalTrainingDiverged as err:
+            if not attacked:
+                raise
+            records.append(_collapsed_round(fed, state, attack, err, _now() - t0))
+            collapsed = {"round": err.round, "reason": _collapse_reason(err)}
+            break
+        if not attacked:
+            _rescore(record, fed.num_clients)
+        records.append(record)
+        save()
+    bar.close()
+    env = environment(config.device, config.engine, code)
+    env["wall_seconds"] = earlier + _now() - started  # all sessions, each up to its last saved round
+    env["sessions"] = sessions
+    final = summarize(records)
+    if collapsed:
+        final["collapsed"] = collapsed
     results = {
         "config": config.to_dict(),
-        "malicious": fed.malicious.tolist(),
+        "malicious": fed.malicious.tolist() if attacked else [],
         "rounds": records,
-        "final": summarize(records),
+        "final": final,
         "env": env,
     }
     if out_path:
-        out_path.parent.mkdir(parents=True, exist_ok=True)
-        out_path.write_text(json.dumps(results, indent=1))
+        partial = out_path.with_suffix(".json.partial")
+        partial.write_text(json.dumps(results, indent=1))
+        os.replace(partial, out_path)
         if ckpt_path and ckpt_path.exists():
             ckpt_path.unlink()
     return results
@@ -284,20 +666,38 @@ def grid(base: Config, **axes: Iterable[Any]) -> list[Config]:
 
 
 def run_grid(
-    configs: list[Config], out_dir: str | os.PathLike = RESULTS_DIR, *, resume: bool = True, progress: bool = True
+    configs: list[Config],
+    out_dir: str | os.PathLike = DEFAULT_OUT_DIR,
+    *,
+    resume: bool = True,
+    progress: bool = True,
 ) -> list[dict[str, Any]]:
-    """Run every config into ``out_dir``: with ``resume`` (the default) finished runs are skipped
-    and interrupted ones resumed; without, every run is recomputed and its file replaced."""
-    return [
-        run_experiment(c, Path(out_dir) / f"{run_name(c)}.json", resume=resume, progress=progress) for c in configs
-    ]
+    """Run every config into ``out_dir`` (default ``./results/``), as ``<run_name>.json``: with
+    ``resume`` (the default) finished runs are skipped and interrupted ones resumed; without,
+    every run is recomputed and its file replaced. Every config and the folder are checked before
+    the first run; a run whose model collapses under attack is a result, and the grid goes on."""
+    for config in configs:
+        config.validate()
+    folder = check_output(out_dir, "--out-dir", folder=True)
+    return [run_experiment(c, folder / f"{run_name(c)}.json", resume=resume, progress=progress) for c in configs]
 
 
 def load_results(folder: str | os.PathLike = RESULTS_DIR, **match: Any) -> list[dict[str, Any]]:
-    """Every results JSON in ``folder`` (recursively) whose config has the given field values."""
+    """Every results JSON in ``folder`` (recursively) whose config has the given field values.
+
+    Execution fields (device, engine, threads) in ``match`` are ignored: they are not part of a
+    run's identity, so a run computed anywhere matches. A field that a file's config lacks (it was
+    written before the field existed) counts as its default."""
+    wanted = {k: v for k, v in match.items() if k not in EXECUTION_FIELDS}
     found = []
     for path in sorted(Path(folder).rglob("*.json")):
         result = json.loads(path.read_text())
-        if "config" in result and all(result["config"].get(k) == v for k, v in match.items()):
+        if "config" not in result:
+            continue
+        try:
+            config = run_identity(result["config"])
+        except TypeError:  # a field this version does not know: compare what the file says
+            config = result["config"]
+        if all(config.get(k) == v for k, v in wanted.items()):
             found.append(result)
     return found

@@ -46,6 +46,14 @@ from .context import LocalRecipe, RoundContext
 from .metrics import accuracy, attack_success_rate, detection_rates
 from .models import channels_last, flatten_params, float_buffers, load_flat, unflatten
 
+__all__ = [
+    "CLIENT_STREAM", "ENGINES", "POISON_STREAM", "ROOT_STREAM", "ROUND_STREAM", "SUBSET_STREAM", "Federation",
+    "LocalTrainingDiverged", "State", "check_local_training", "client_batches", "client_schedules", "derive_seed",
+    "evaluate", "initial_state", "local_sgd", "predict", "resolve_engine", "root_batches",
+    "root_steps_like_clients", "round_context", "round_updates", "run_round", "server_step", "train_clients",
+    "train_clients_batched", "train_clients_loop", "train_clients_parallel", "train_root",
+]
+
 # The independent random streams of a run: fl.derive_seed(seed, round, STREAM, ...) for each.
 CLIENT_STREAM = 0  # client i's batch order in round t: (seed, t, CLIENT_STREAM, i)
 ROUND_STREAM = 1  # the round's generator (attacks' draws, FLAME's noise): (seed, t, ROUND_STREAM)
@@ -411,12 +419,27 @@ def initial_state(fed: Federation) -> State:
     return State(flatten_params(fed.net), float_buffers(fed.net))
 
 
+class LocalTrainingDiverged(FloatingPointError):
+    """Local training produced NaN or Inf in round ``round``: ``rows`` are the update rows that
+    diverged (client ids; the server's root update is row ``num_clients``).
+
+    Why a class of its own: the experiment runner tells a model destroyed by an attack (a result
+    to record) from a recipe that diverges by itself (an error to fix) by catching exactly this.
+    """
+
+    def __init__(self, message: str, round: int, rows: list[int], num_clients: int):
+        super().__init__(message)
+        self.round, self.rows, self.num_clients = round, rows, num_clients
+
+
 def check_local_training(updates: torch.Tensor, fed: Federation, rnd: int) -> None:
     """Stop the run when local training diverged (NaN or Inf in an update): ``updates`` holds the
-    clients' rows and, when the defence needs one, the server's root update as row ``n``.
+    clients' rows and, when the defense needs one, the server's root update as row ``n``.
 
-    The simulator's policy: a diverged run is an error, never repaired or dropped silently,
-    because either choice would change what the defence under study sees.
+    The simulator's policy: a diverged round is never repaired or dropped silently, because either
+    choice would change what the defense under study sees. It raises
+    :class:`LocalTrainingDiverged`; the experiment runner records it as the model's collapse
+    when an attack is present, and reports it as an error of the recipe otherwise.
     """
     bad = nonfinite_rows(updates)
     if not bad:
@@ -426,10 +449,11 @@ def check_local_training(updates: torch.Tensor, fed: Federation, rnd: int) -> No
     who = ([f"clients {', '.join(clients)}"] if clients else []) + (
         ["the server's root update"] if bad[-1] >= fed.num_clients else []
     )
-    raise FloatingPointError(
+    raise LocalTrainingDiverged(
         f"round {rnd}: local training diverged for {' and '.join(who)}: their updates contain NaN or Inf. "
         "The run stops instead of dropping or repairing them. Lower the local learning rate "
-        "(--local-lr), clip gradients (--grad-clip) or lower the server's learning rate (--global-lr)."
+        "(--local-lr), clip gradients (--grad-clip) or lower the server's learning rate (--global-lr).",
+        round=rnd, rows=bad, num_clients=fed.num_clients,
     )
 
 

@@ -14,6 +14,8 @@ from typing import Callable
 
 import torch
 
+__all__ = ["accuracy", "attack_success_rate", "detection_rates"]
+
 
 def accuracy(predicted: torch.Tensor, labels: torch.Tensor) -> float:
     """Share of ``predicted == labels``."""

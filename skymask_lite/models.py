@@ -20,6 +20,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+__all__ = [
+    "IMAGE_SHAPES", "MODELS", "NUM_CLASSES", "BasicBlock", "FMNISTCNN", "LogisticRegression", "ResNet20",
+    "channels_last", "flatten_params", "float_buffers", "load_flat", "make_model", "num_params", "param_shapes",
+    "param_slices", "resnet20", "unflatten",
+]
+
 IMAGE_SHAPES = {"fmnist": (1, 28, 28), "cifar10": (3, 32, 32), "cifar100": (3, 32, 32)}
 NUM_CLASSES = {"fmnist": 10, "cifar10": 10, "cifar100": 100}
 
