@@ -173,6 +173,16 @@ def engine_agreement(device: str) -> dict:
     return out
 
 
+def start_study(name: str, folder: Path, workers: int, deadline: float) -> list[subprocess.Popen]:
+    """Study ``name`` (:mod:`skymask_lite.studies`) in ``workers`` processes, each taking every
+    ``workers``-th config, each stopped after ``deadline`` seconds (finished runs stay)."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    code = ("import sys; from skymask_lite.studies import study_configs; from skymask_lite.experiments import run_grid; "
+            "c = study_configs(sys.argv[1]); run_grid(c[int(sys.argv[3])::int(sys.argv[4])], sys.argv[2], progress=False)")
+    return [subprocess.Popen(["timeout", str(int(deadline)), sys.executable, "-c", code, name, str(folder), str(i),
+                              str(workers)], cwd=ROOT, env=env) for i in range(workers)]
+
+
 def _guarded(name: str, fn, *args) -> dict:
     """Run one part; a crash is recorded with its traceback instead of ending the check."""
     start = time.perf_counter()
@@ -191,6 +201,9 @@ def main() -> None:
     parser.add_argument("--out-dir", type=Path, default=ROOT / "benchmarks" / "results")
     parser.add_argument("--skip-benchmark", action="store_true")
     parser.add_argument("--chapters", default="*.ipynb", help="glob of the notebooks under book/ to execute")
+    parser.add_argument("--study", help="also run this study of skymask_lite.studies, packed as <out-dir>/<study>.tar.gz")
+    parser.add_argument("--study-workers", type=int, default=2)
+    parser.add_argument("--study-deadline", type=float, default=300, help="seconds the study may run")
     parser.add_argument("--commit", help="the commit checked, where the copy has no git history")
     parser.add_argument("--execute-notebook", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -215,12 +228,21 @@ def main() -> None:
         report["benchmark"] = {"returncode": proc.returncode, "seconds": round(time.perf_counter() - t0, 1),
                                "error": proc.stderr.strip().splitlines()[-8:] if proc.returncode else []}
         print(f"[gpu_check] benchmark: {report['benchmark']['seconds']} s, rc {proc.returncode}", flush=True)
+    study = start_study(args.study, args.out_dir / args.study, args.study_workers, args.study_deadline) if args.study else []
     with ThreadPoolExecutor(1) as pool:
         notebooks = pool.submit(run_notebooks, 600 if args.quick else 300, args.chapters)
         report["matrix"] = _guarded("matrix", attack_defense_matrix, args.device, args.quick, 150 if args.quick else 200)
         report["recompute"] = _guarded("recompute", recompute_check, args.device)
         report["engine_agreement"] = _guarded("engines", engine_agreement, args.device)
         report["notebooks"] = notebooks.result()
+    for proc in study:
+        proc.wait()
+    if study:
+        folder = args.out_dir / args.study
+        report["study"] = {"name": args.study, "finished_runs": len(list(folder.glob("*.json"))),
+                           "returncodes": [p.returncode for p in study]}
+        subprocess.run(["tar", "czf", f"{args.study}.tar.gz", args.study], cwd=args.out_dir, check=True)
+        subprocess.run(["rm", "-rf", str(folder)], check=True)
     report["seconds"] = round(time.perf_counter() - start, 1)
     report["acceptance"] = acceptance(report, args.out_dir / f"benchmark_{'quick' if args.quick else args.device.split(':')[0]}.json")
     (args.out_dir / ("gpu_check_quick.json" if args.quick else "gpu_check.json")).write_text(json.dumps(report, indent=1))
