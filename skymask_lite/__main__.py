@@ -19,6 +19,7 @@ from .data import DATASETS
 from .defenses import DEFENSES
 from .experiments import (
     DEFAULT_OUT_DIR,
+    EXECUTION_FIELDS,
     SPLITS,
     Config,
     UsageError,
@@ -30,6 +31,7 @@ from .experiments import (
 )
 from .fl import ENGINES
 from .models import MODELS
+from .studies import STUDIES, study_configs
 
 __all__ = ["main"]
 
@@ -141,7 +143,7 @@ def _parser() -> argparse.ArgumentParser:
     prog = _prog()
     parser = _Parser(prog=prog, description=DESCRIPTION, epilog=RUN_EXAMPLES.format(prog=prog),
                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    sub = parser.add_subparsers(dest="command", required=True, metavar="{run,grid}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="{run,grid,study}")
     run = sub.add_parser("run", help="run one experiment and write its results JSON",
                          description="Run one experiment and write its results JSON.",
                          epilog=RUN_EXAMPLES.format(prog=prog), formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -156,6 +158,18 @@ def _parser() -> argparse.ArgumentParser:
     _add_config_flags(many, multi=True)
     many.add_argument("--out-dir", type=Path, default=DEFAULT_OUT_DIR,
                       help=f"The folder of the results JSONs. Default: {DEFAULT_OUT_DIR}/ in the current folder.")
+    study = sub.add_parser("study", help="run one of the book's studies (resumable)",
+                           description="Run every config of a study of skymask_lite.studies, one results JSON per "
+                                       "run; finished runs are skipped, interrupted ones resumed.",
+                           epilog=f"example:\n  {prog} study decision --out-dir data/results/decision",
+                           formatter_class=argparse.RawDescriptionHelpFormatter)
+    study.add_argument("name", choices=sorted(STUDIES), help="The study's name.")
+    study.add_argument("--out-dir", type=Path, required=True, help="The folder of the study's results JSONs.")
+    for name in EXECUTION_FIELDS:
+        study.add_argument("--" + name, type=str if name != "threads" else int, default=None,
+                           help=f"Override the configs' {name} (an execution detail, not part of a run's identity).")
+    study.add_argument("--no-resume", action="store_true", help="Recompute every run, replacing its file.")
+    study.add_argument("--no-progress", action="store_true", help="No progress bar.")
     return parser
 
 
@@ -187,6 +201,16 @@ def main(argv: Sequence[str] | None = None) -> int:
             results = run_experiment(config, out, resume=not args.no_resume, progress=not args.no_progress)
             print(json.dumps({"out": str(out), **results["final"]}))
             _notice(results, out)
+        elif args.command == "study":
+            execution = {name: getattr(args, name) for name in EXECUTION_FIELDS if getattr(args, name) is not None}
+            configs = [dataclasses.replace(c, **execution) for c in study_configs(args.name)]
+            for config in configs:
+                config.validate()
+            out_dir = check_output(args.out_dir, "--out-dir", folder=True)
+            for results in run_grid(configs, out_dir, resume=not args.no_resume, progress=not args.no_progress):
+                name = run_name(Config(**results["config"]))
+                print(json.dumps({"name": name, **results["final"]}))
+                _notice(results, out_dir / f"{name}.json")
         else:
             base = _config(args, **{axis: getattr(args, axis)[0] for axis in GRID_AXES})
             configs = grid(base, **{axis: getattr(args, axis) for axis in GRID_AXES})
