@@ -33,7 +33,8 @@ import subprocess
 import sys
 from pathlib import Path
 
-REPO_URL = "{url}"  # _config.yml, repository: url
+# _config.yml, repository: url
+REPO_URL = "{url}"
 CLONE = Path("/content/skymask-lite")
 if "google.colab" in sys.modules:
     if not CLONE.exists():
