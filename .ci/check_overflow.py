@@ -22,7 +22,7 @@ window.addEventListener('load', function () {
   var pres = document.querySelectorAll('div.cell_input pre');
   var wide = [];
   pres.forEach(function (pre, i) {
-    if (pre.scrollWidth > pre.clientWidth + 1) wide.push(i + ':' + pre.scrollWidth + '>' + pre.clientWidth);
+    if (pre.scrollWidth > pre.clientWidth + 1) wide.push(i + ':' + pre.scrollWidth + 'x' + pre.clientWidth);
   });
   var out = document.createElement('pre');
   out.textContent = 'OVERFLOW[' + pres.length + '|' + wide.join(';') + ']';
