@@ -298,8 +298,9 @@ ENGINES: dict[str, Callable[..., tuple[torch.Tensor, dict[str, torch.Tensor]]]] 
     "batched": train_clients_batched,
     "parallel": train_clients_parallel,
 }
-"""The client engines by name: ``engine(net, global_params, data, recipe, schedules, global_buffers)``
-returns updates ``[m, d]`` and buffers ``{name: [m, ...]}``. ``"auto"`` is :func:`resolve_engine`'s."""
+"""Every client engine, by name. Each is called as
+``engine(net, global_params, data, recipe, schedules, global_buffers)`` and returns the updates
+``[m, d]`` and the buffers ``{name: [m, ...]}``; the name ``"auto"`` is :func:`resolve_engine`'s."""
 
 
 def resolve_engine(engine: str, device: str | torch.device) -> str:
