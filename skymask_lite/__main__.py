@@ -17,6 +17,7 @@ import sys
 from pathlib import Path
 from typing import Any, Sequence
 
+from . import flower
 from .experiments import RESULTS_DIR, Config, grid, run_experiment, run_grid, run_name
 
 GRID_AXES = ("attack", "defense", "num_malicious", "num_clients", "bias", "seed", "root_bias", "root_steps")
@@ -79,8 +80,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     many = sub.add_parser("grid", help="run the product of several values (resumable)")
     _add_config_flags(many, multi=True)
     many.add_argument("--out-dir", type=Path, default=RESULTS_DIR, help=f"default: {RESULTS_DIR}")
+    flower.add_cli(sub, _add_config_flags, _config)
     args = parser.parse_args(argv)
     try:
+        if args.command == "flower":
+            return args.handler(args)
         if args.command == "run":
             config = _config(args)
             out = args.out or RESULTS_DIR / f"{run_name(config)}.json"

@@ -1,0 +1,157 @@
+"""SkyMask on Flower (skymask_lite.flower): strategies, apps, and agreement with the simulator.
+
+Most tests drive the real ServerApp body (`serve`) and the real ClientApp through an in-process
+grid (no Ray: fast). One test runs the command line on Flower's simulation engine (Ray).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+
+pytest.importorskip("flwr", reason="the flower extra is not installed (pip install -e '.[flower]')")
+pytest.importorskip("ray", reason="the flower extra is not installed (pip install -e '.[flower]')")
+
+from flwr.app import Context, RecordDict  # noqa: E402
+from flwr.supercore.task_identity import TaskIdentity  # noqa: E402
+
+from skymask_lite.__main__ import main  # noqa: E402
+from skymask_lite.experiments import Config, build, run_experiment  # noqa: E402
+from skymask_lite.flower.apps import (  # noqa: E402
+    check_flower_config,
+    client_app,
+    config_from_run_config,
+    serve,
+)
+from skymask_lite.flower.strategy import from_arrays, modifies_updates, to_arrays  # noqa: E402
+from skymask_lite.attacks import make_attack  # noqa: E402
+from skymask_lite.fl import initial_state  # noqa: E402
+
+@pytest.fixture(autouse=True)
+def task_identity():
+    """The identity a Flower process gets from its runtime (the in-process grid has none)."""
+    saved = (TaskIdentity._run_id, TaskIdentity._task_id, TaskIdentity._node_id)
+    TaskIdentity.run_id, TaskIdentity.task_id, TaskIdentity.node_id = 1, 1, 0
+    yield
+    TaskIdentity._run_id, TaskIdentity._task_id, TaskIdentity._node_id = saved
+
+
+SMALL = dict(num_clients=10, num_malicious=2, rounds=2, train_size=1500, root_size=60, seed=0)
+
+
+class InProcessGrid:
+    """A Flower Grid whose nodes are ClientApp calls in this process; ``drop`` holds the
+    partition ids that never reply (dropped clients)."""
+
+    def __init__(self, num_nodes: int, drop: frozenset[int] = frozenset()) -> None:
+        self.num_nodes, self.drop = num_nodes, drop
+
+    def get_node_ids(self) -> list[int]:
+        return list(range(100, 100 + self.num_nodes))
+
+    def send_and_receive(self, messages, *, timeout=None):
+        replies = []
+        for msg in messages:
+            pid = msg.metadata.dst_node_id - 100
+            if pid in self.drop:
+                continue
+            context = Context(run_id=1, node_id=msg.metadata.dst_node_id, node_config={"partition-id": pid},
+                              state=RecordDict(), run_config={})
+            replies.append(client_app(msg, context))
+        return replies
+
+
+def _simulator(config: Config) -> dict:
+    return run_experiment(config, progress=False)
+
+
+def _same_rounds(flower: dict, simulator: dict) -> None:
+    assert len(flower["rounds"]) == len(simulator["rounds"]) == simulator["config"]["rounds"]
+    for ours, theirs in zip(flower["rounds"], simulator["rounds"]):
+        assert ours["kept"] == theirs["kept"]
+        assert ours["fpr"] == theirs["fpr"] and ours["fnr"] == theirs["fnr"]
+        assert ours["test_acc"] == pytest.approx(theirs["test_acc"], abs=1e-4)
+        assert set(theirs) - {"timing"} <= set(ours)
+        assert set(ours["timing"]) == set(theirs["timing"])
+
+
+@pytest.mark.parametrize("attack, defense", [("min_max", "skymask"), ("lie", "fltrust"), ("label_flip", "fltrust")])
+def test_flower_strategy_and_client_app_agree_with_the_simulator(attack, defense):
+    config = Config(attack=attack, defense=defense, **SMALL)
+    flower = serve(InProcessGrid(config.num_clients), config)
+    simulator = _simulator(config)
+    assert flower["config"] == simulator["config"] and flower["malicious"] == simulator["malicious"]
+    assert set(flower) == set(simulator)
+    _same_rounds(flower, simulator)
+    # honest updates are bit-identical, so when only honest clients are averaged the model is too
+    for ours, theirs in zip(flower["rounds"], simulator["rounds"]):
+        if not set(ours["kept"]) & set(simulator["malicious"]):
+            assert ours["test_acc"] == theirs["test_acc"]
+
+
+def test_dropped_clients_are_left_out_and_scored_among_those_that_replied():
+    config = Config(attack="min_max", defense="fltrust", **{**SMALL, "rounds": 1})
+    malicious = build(config)[0].malicious.tolist()
+    drop = frozenset({malicious[0], 0 if malicious[0] != 0 else 1, 9 if 9 not in malicious else 8})
+    results = serve(InProcessGrid(config.num_clients, drop), config)
+    [record] = results["rounds"]
+    replied = [i for i in range(config.num_clients) if i not in drop]
+    assert record["replied"] == replied
+    assert set(record["kept"]) <= set(replied)
+    benign = [i for i in replied if i not in malicious]
+    bad = [i for i in replied if i in malicious]
+    assert record["fpr"] == pytest.approx(len(set(benign) - set(record["kept"])) / len(benign))
+    assert record["fnr"] == pytest.approx(len(set(bad) & set(record["kept"])) / len(bad))
+    assert math.isfinite(record["test_acc"])
+
+
+def test_arrays_round_trip_exactly_and_name_what_is_missing():
+    fed, _, _ = build(Config(**SMALL))
+    state = initial_state(fed)
+    params = state.params + torch.randn(state.params.shape, generator=torch.Generator().manual_seed(0))
+    record = to_arrays(params, state.buffers, fed.net)
+    back, buffers = from_arrays(record, fed.net)
+    assert torch.equal(back, params) and buffers.keys() == state.buffers.keys()
+    del record[next(iter(record))]
+    with pytest.raises(ValueError, match="lacks"):
+        from_arrays(record, fed.net)
+    with pytest.raises(ValueError, match="entries"):
+        to_arrays(params[:-1], state.buffers, fed.net)
+
+
+def test_only_attacks_that_rewrite_updates_are_wrapped():
+    assert modifies_updates(make_attack("min_max")) and modifies_updates(make_attack("backdoor"))
+    assert not modifies_updates(make_attack("none")) and not modifies_updates(make_attack("label_flip"))
+
+
+def test_configs_the_flower_run_cannot_honour_are_refused_with_the_fix():
+    with pytest.raises(ValueError, match="--engine loop"):
+        check_flower_config(Config(engine="parallel"))
+    with pytest.raises(ValueError, match="--device cpu"):
+        check_flower_config(Config(device="meta"))
+    with pytest.raises(ValueError, match="fraction_train"):
+        check_flower_config(Config(), fraction_train=0.0)
+
+
+def test_run_config_reads_config_fields_and_refuses_unknown_keys():
+    config = config_from_run_config({"num-clients": 20, "attack": "lie", "defense-options": '{"steps": 5}', "out": "x"})
+    assert (config.num_clients, config.attack, config.defense_options) == (20, "lie", {"steps": 5})
+    with pytest.raises(ValueError, match="num-client"):
+        config_from_run_config({"num-client": 20})
+
+
+def test_command_line_runs_on_flowers_simulation_engine(tmp_path, capsys):
+    """The acceptance run at small scale, on Ray: same results as the simulator."""
+    out = tmp_path / "flower.json"
+    args = ["flower", "--attack", "min_max", "--defense", "skymask", "--out", str(out)]
+    for key, value in SMALL.items():
+        args += ["--" + key.replace("_", "-"), str(value)]
+    assert main(args) == 0
+    printed = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    flower = json.loads(out.read_text())
+    assert printed["test_acc"] == flower["final"]["test_acc"]
+    assert flower["env"]["runtime"] == "flower" and flower["env"]["ray_cpus"] == 1
+    _same_rounds(flower, _simulator(Config(**flower["config"])))
