@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from pathlib import Path
 from typing import Any, Callable
 
@@ -56,14 +57,29 @@ def add_cli(
                         help="CPUs Ray may use; one client trains per CPU (default: 1)")
     parser.add_argument("--fraction-train", type=float, default=1.0,
                         help="share of the clients sampled each round (default: 1.0, all of them)")
+    parser.add_argument("--compare-simulator", action="store_true",
+                        help="also run the simulator on the same config; --out then holds both results and "
+                             "their agreement ({flower, simulator, agreement})")
     parser.set_defaults(handler=lambda args: _run_cli(args, make_config))
 
 
 def _run_cli(args: argparse.Namespace, make_config: Callable[[argparse.Namespace], Any]) -> int:
     """The ``flower`` subcommand: run the federation on Flower, write ``--out``, print the summary."""
     require_flower()
-    from .apps import run_flower
+    from ..experiments import run_experiment
+    from .apps import agreement, run_flower
 
-    results = run_flower(make_config(args), args.out, ray_cpus=args.ray_cpus, fraction_train=args.fraction_train)
+    config = make_config(args)
+    out = None if args.compare_simulator else args.out
+    results = run_flower(config, out, ray_cpus=args.ray_cpus, fraction_train=args.fraction_train)
     print(json.dumps({"out": str(args.out) if args.out else None, **results["final"]}))
+    if args.compare_simulator:
+        simulator = run_experiment(config, progress=not args.no_progress)
+        both = {"command": " ".join(["python -m skymask_lite", *sys.argv[1:]]), "flower": results,
+                "simulator": simulator, "agreement": agreement(results, simulator)}
+        if args.out:
+            args.out.parent.mkdir(parents=True, exist_ok=True)
+            args.out.write_text(json.dumps(both, indent=1))
+        summary = {k: v for k, v in both["agreement"].items() if k != "rounds"}
+        print(json.dumps({"agreement": summary}))
     return 0

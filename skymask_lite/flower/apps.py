@@ -24,6 +24,7 @@ import json
 import logging
 import os
 import time
+import warnings
 from functools import lru_cache
 from pathlib import Path
 from typing import Any, Iterator
@@ -44,7 +45,15 @@ from ..fl import CLIENT_STREAM, Federation, client_schedules, derive_seed, initi
 from ..models import flatten_params, float_buffers  # noqa: E402
 from .strategy import AttackWrapper, DefenseStrategy, from_arrays, modifies_updates, to_arrays  # noqa: E402
 
-__all__ = ["client_app", "config_from_run_config", "run_flower", "serve", "server_app", "server_view"]
+__all__ = [
+    "agreement",
+    "client_app",
+    "config_from_run_config",
+    "run_flower",
+    "serve",
+    "server_app",
+    "server_view",
+]
 
 CONFIG_KEY = "federation"  # the train message's ConfigRecord entry holding the Config as JSON
 
@@ -100,7 +109,9 @@ def check_flower_config(config: Config, fraction_train: float = 1.0) -> None:
             "use --engine loop (the default)"
         )
     if torch.device(config.device).type != "cpu":
-        raise ValueError(f"device {config.device!r}: the Flower simulation here runs its clients on CPU; use --device cpu")
+        raise ValueError(
+            f"device {config.device!r}: the Flower simulation here runs its clients on CPU; use --device cpu"
+        )
     if not 0.0 < fraction_train <= 1.0:
         raise ValueError(f"fraction_train must be in (0, 1], got {fraction_train}")
 
@@ -212,7 +223,9 @@ def run_flower(
         "client_resources": {"num_cpus": 1, "num_gpus": 0.0},
         "init_args": {"num_cpus": ray_cpus, "num_gpus": 0, "logging_level": logging.ERROR, "log_to_driver": False},
     }
-    with quiet_flower():
+    with quiet_flower(), warnings.catch_warnings():
+        # Ray's notice about a future default for CPU-only actors: nothing to act on here
+        warnings.filterwarnings("ignore", message="Tip: In future versions of Ray", category=FutureWarning)
         run_simulation(server_app=app, client_app=client_app, num_supernodes=config.num_clients,
                        backend_config=backend_config)
     if not found:
@@ -225,3 +238,28 @@ def run_flower(
         Path(out).parent.mkdir(parents=True, exist_ok=True)
         Path(out).write_text(json.dumps(results, indent=1))
     return results
+
+
+def agreement(flower: dict[str, Any], simulator: dict[str, Any]) -> dict[str, Any]:
+    """How a Flower run and the simulator's run of the same config agree, round by round: the
+    kept clients (equal or not), both accuracies and their difference, both FPR/FNR."""
+    if flower["config"] != simulator["config"]:
+        raise ValueError("the two results come from different configs; compare runs of the same Config")
+    rounds = [
+        {
+            "round": ours["round"],
+            "same_kept": ours["kept"] == theirs["kept"],
+            "test_acc": {"flower": ours["test_acc"], "simulator": theirs["test_acc"],
+                         "abs_diff": abs(ours["test_acc"] - theirs["test_acc"])},
+            "fpr": {"flower": ours["fpr"], "simulator": theirs["fpr"]},
+            "fnr": {"flower": ours["fnr"], "simulator": theirs["fnr"]},
+        }
+        for ours, theirs in zip(flower["rounds"], simulator["rounds"])
+    ]
+    return {
+        "rounds": rounds,
+        "same_kept_every_round": all(r["same_kept"] for r in rounds),
+        "max_abs_test_acc_diff": max(r["test_acc"]["abs_diff"] for r in rounds),
+        "seconds_per_round": {"flower": flower["final"]["seconds_per_round"],
+                              "simulator": simulator["final"]["seconds_per_round"]},
+    }

@@ -60,7 +60,9 @@ def to_arrays(params: torch.Tensor, buffers: dict[str, torch.Tensor], net: torch
     """A model as Flower's ``ArrayRecord``: ``net``'s parameters by name (cut from the flat
     ``[d]`` vector ``params``), then its float ``buffers``."""
     if params.shape != (num_params(net),):
-        raise ValueError(f"params must be the flat [{num_params(net)}] parameters of the model, got {tuple(params.shape)} entries")
+        raise ValueError(
+            f"params must be the flat [{num_params(net)}] parameters of the model, got shape {tuple(params.shape)}"
+        )
     return ArrayRecord.from_torch_state_dict({**unflatten(params, net), **buffers})
 
 
