@@ -65,7 +65,10 @@ def add_cli(
 
 def _run_cli(args: argparse.Namespace, make_config: Callable[[argparse.Namespace], Any]) -> int:
     """The ``flower`` subcommand: run the federation on Flower, write ``--out``, print the summary."""
-    require_flower()
+    try:
+        require_flower()
+    except ModuleNotFoundError as err:  # the command line reports it as a usage error
+        raise ValueError(str(err)) from err
     from ..experiments import run_experiment
     from .apps import agreement, run_flower
 

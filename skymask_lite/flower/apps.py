@@ -27,7 +27,7 @@ import time
 import warnings
 from functools import lru_cache
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterable, Iterator
 
 import torch
 
@@ -40,12 +40,15 @@ from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict  #
 from flwr.clientapp import ClientApp  # noqa: E402
 from flwr.serverapp import Grid, ServerApp  # noqa: E402
 
+from flwr.supercore.task_identity import TaskIdentity  # noqa: E402
+
 from ..experiments import Config, build, environment, summarize  # noqa: E402
 from ..fl import CLIENT_STREAM, Federation, client_schedules, derive_seed, initial_state, local_sgd  # noqa: E402
 from ..models import flatten_params, float_buffers  # noqa: E402
 from .strategy import AttackWrapper, DefenseStrategy, from_arrays, modifies_updates, to_arrays  # noqa: E402
 
 __all__ = [
+    "LocalGrid",
     "agreement",
     "client_app",
     "config_from_run_config",
@@ -92,6 +95,39 @@ def train(msg: Message, context: Context) -> Message:
     trained = to_arrays(flatten_params(fed.net), float_buffers(fed.net), fed.net)
     metrics = MetricRecord({"num-examples": len(y), "partition-id": pid})
     return Message(content=RecordDict({"arrays": trained, "metrics": metrics}), reply_to=msg)
+
+
+class LocalGrid:
+    """A Flower grid whose nodes are calls of :data:`client_app` in this process (no Ray, no
+    network): for examples and tests. Node ``100 + i`` holds partition ``i``; the partitions in
+    ``drop`` never answer (dropped clients, or stragglers past the server's timeout).
+
+    Flower's runtime gives every process a task identity (run, task, node); a process without
+    one (a notebook, a test) gets run 1, task 1, node 0 here, as Flower's in-memory runtime does.
+    """
+
+    def __init__(self, num_nodes: int, drop: Iterable[int] = ()) -> None:
+        self.num_nodes, self.drop = num_nodes, frozenset(drop)
+        try:
+            TaskIdentity.run_id
+        except RuntimeError:
+            TaskIdentity.run_id, TaskIdentity.task_id, TaskIdentity.node_id = 1, 1, 0
+
+    def get_node_ids(self) -> list[int]:
+        """The node ids, ``100, ..., 100 + num_nodes - 1``."""
+        return list(range(100, 100 + self.num_nodes))
+
+    def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> list[Message]:
+        """Each message's reply from its node's ClientApp, except the dropped nodes'."""
+        replies = []
+        for msg in messages:
+            pid = msg.metadata.dst_node_id - 100
+            if pid in self.drop:
+                continue
+            context = Context(run_id=1, node_id=msg.metadata.dst_node_id, node_config={"partition-id": pid},
+                              state=RecordDict(), run_config={})
+            replies.append(client_app(msg, context))
+        return replies
 
 
 def server_view(fed: Federation) -> Federation:

@@ -170,6 +170,7 @@ class DefenseStrategy(FedAvg):
         self.defense, self.fed, self.attack = defense, fed, attack
         self.records: list[dict[str, Any]] = []
         self.attack_seconds = 0.0  # set by an AttackWrapper around this strategy
+        self.attack_rounding: float | None = None  # likewise (see AttackWrapper)
         self._state: State | None = None
         self._sent = 0.0
 
@@ -220,6 +221,8 @@ class DefenseStrategy(FedAvg):
         record.update(detection_rates(agg.kept, ctx.malicious, len(ids)))
         record["defense_info"] = agg.stats
         record["replied"] = ids.tolist()
+        if self.attack_rounding is not None:
+            record["attack_rounding"] = self.attack_rounding
         record["timing"] = {"clients": t1 - self._sent - self.attack_seconds + (t2 - t1), "attack": self.attack_seconds,
                             "defense": t3 - t2}
         self.records.append(record)
@@ -268,6 +271,12 @@ class AttackWrapper(Strategy):
     context (:func:`round_context_of`), and replaces each malicious reply whose update changed by
     the weights ``w + U'_i``. It works around any Flower strategy (Flower's own ``Krum`` too).
 
+    Weights are what a Flower client sends, so the server receives ``fl(w + U'_i) - w``, not
+    ``U'_i``: the attackers' updates are rounded, by at most about half a float32 ulp of ``w``.
+    Around a :class:`DefenseStrategy` the largest such change of a round is recorded as
+    ``attack_rounding``. It is the one place where a Flower run can differ from the simulator's
+    (whose attackers send ``U'_i`` itself), and only in rounds whose aggregate uses an attacker.
+
     Args:
         strategy: the wrapped strategy (a :class:`DefenseStrategy` or any Flower strategy).
         attack: the attack, ``attack(updates, ctx) -> updates``.
@@ -299,6 +308,7 @@ class AttackWrapper(Strategy):
         strategy does."""
         replies = list(replies)
         t0 = time.perf_counter()
+        rounding = 0.0
         pairs = replies_by_partition(replies)
         if pairs and self._state is not None:
             ids = torch.tensor([pid for pid, _ in pairs])
@@ -313,8 +323,11 @@ class AttackWrapper(Strategy):
                 key = next(iter(content.array_records))
                 _, buffers = from_arrays(content[key], self.fed.net, self._state.params.device)
                 content[key] = to_arrays(self._state.params + crafted[row], buffers, self.fed.net)
+                received = from_arrays(content[key], self.fed.net, self._state.params.device)[0] - self._state.params
+                rounding = max(rounding, (received - crafted[row]).abs().max().item())
         if isinstance(self.strategy, DefenseStrategy):
             self.strategy.attack_seconds = time.perf_counter() - t0
+            self.strategy.attack_rounding = rounding
         return self.strategy.aggregate_train(server_round, replies)
 
     def configure_evaluate(
