@@ -218,7 +218,8 @@ def _deployment_main(grid: Grid, context: Context) -> None:
 @contextlib.contextmanager
 def quiet_flower() -> Iterator[None]:
     """Flower's and Ray's INFO logs off for the duration (warnings and errors still show)."""
-    loggers = [logging.getLogger(name) for name in ("flwr", "ray")]
+    # ray.widgets.util logs at import time, in a notebook without ipywidgets
+    loggers = [logging.getLogger(name) for name in ("flwr", "ray", "ray.widgets.util")]
     levels = [lg.level for lg in loggers]
     for lg in loggers:
         lg.setLevel(logging.ERROR)
@@ -245,8 +246,6 @@ def run_flower(
     check_flower_config(config, fraction_train)
     if ray_cpus < 1:
         raise ValueError(f"ray_cpus must be >= 1, got {ray_cpus}")
-    from flwr.simulation import run_simulation
-
     os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
     found: list[dict[str, Any]] = []
     app = ServerApp()
@@ -262,6 +261,9 @@ def run_flower(
     with quiet_flower(), warnings.catch_warnings():
         # Ray's notice about a future default for CPU-only actors: nothing to act on here
         warnings.filterwarnings("ignore", message="Tip: In future versions of Ray", category=FutureWarning)
+        warnings.filterwarnings("ignore", message="IProgress not found")  # tqdm.auto, imported by Ray
+        from flwr.simulation import run_simulation
+
         run_simulation(server_app=app, client_app=client_app, num_supernodes=config.num_clients,
                        backend_config=backend_config)
     if not found:
