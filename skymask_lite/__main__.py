@@ -14,6 +14,7 @@ import typing
 from pathlib import Path
 from typing import Any, Sequence
 
+from . import flower
 from .attacks import ATTACKS
 from .data import DATASETS
 from .defenses import DEFENSES
@@ -143,7 +144,7 @@ def _parser() -> argparse.ArgumentParser:
     prog = _prog()
     parser = _Parser(prog=prog, description=DESCRIPTION, epilog=RUN_EXAMPLES.format(prog=prog),
                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    sub = parser.add_subparsers(dest="command", required=True, metavar="{run,grid,study}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="{run,grid,study,flower}")
     run = sub.add_parser("run", help="run one experiment and write its results JSON",
                          description="Run one experiment and write its results JSON.",
                          epilog=RUN_EXAMPLES.format(prog=prog), formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -170,6 +171,7 @@ def _parser() -> argparse.ArgumentParser:
                            help=f"Override the configs' {name} (an execution detail, not part of a run's identity).")
     study.add_argument("--no-resume", action="store_true", help="Recompute every run, replacing its file.")
     study.add_argument("--no-progress", action="store_true", help="No progress bar.")
+    flower.add_cli(sub, _add_config_flags, _config)
     return parser
 
 
@@ -194,6 +196,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except SystemExit as stop:  # --help, or a flag argparse rejected (its one-line error is printed)
         return int(stop.code or 0)
     try:
+        if args.command == "flower":
+            return args.handler(args)
         if args.command == "run":
             config = _config(args)
             config.validate()
