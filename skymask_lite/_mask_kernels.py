@@ -1,0 +1,254 @@
+"""The kernels behind SkyMask's mask step (:func:`skymask_lite.skymask.train_masks`); private.
+
+The masked average ``W = sum_i s_i W_i / S`` (``s = sigmoid(M)``, ``S = sum_i s_i``) and its
+closed-form gradient, and the training loop that runs them over column blocks of the ``[k, d]``
+models with preallocated buffers. Why blocks: on a CPU a ``[k, block]`` block of ``M``,
+``sigmoid(M)`` and the models stays in the cache between the operations of a step; on a GPU one
+whole block (``block = d``) launches the fewest kernels. The blocks are column ranges of the
+``[k, d]`` tensors themselves, so the layout costs no copy; the result does not depend on it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Any, Iterator
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.func import functional_call
+
+from .models import channels_last, unflatten
+
+__all__ = [
+    "ALIGN",
+    "CPU_BLOCK",
+    "DEFAULT_LR",
+    "MaskedAverage",
+    "binarize_columns",
+    "column_blocks",
+    "eval_mode",
+    "make_optimizer",
+    "padded_scratch",
+    "resolve_block",
+    "sigmoid_into",
+    "train_mask_columns",
+    "transform_grad",
+]
+
+DEFAULT_LR = {"clipped_sgd": 1e7, "sign_sgd": 1.0, "adam": 0.1}
+"""Mask optimisers and their default learning rates. ``clipped_sgd`` is the authors': SGD after
+clamping every gradient element to ``[-grad_clip, grad_clip]`` (lr 1e7, clip 1e-7: at most one
+logit per step; they use lr 1e8 for ResNet20)."""
+
+CPU_BLOCK = 4096
+"""Columns per block on a CPU: ``[k, block]`` float blocks of a few ``k = 101`` models fit the cache."""
+
+
+def resolve_block(block: int | None, device: torch.device, d: int) -> int:
+    """Columns per block: ``block`` if given, else :data:`CPU_BLOCK` on a CPU and ``d`` (one block) elsewhere."""
+    if block is None:
+        return CPU_BLOCK if device.type == "cpu" else max(d, 1)
+    if block < 1:
+        raise ValueError(f"block must be a positive number of columns (or None for automatic), got {block}")
+    return block
+
+
+def column_blocks(d: int, block: int) -> list[slice]:
+    """The column ranges ``[start, start + block)`` that cover ``0 .. d-1``, the last one shorter."""
+    return [slice(start, min(start + block, d)) for start in range(0, d, block)]
+
+
+ALIGN = 64
+"""Columns of a block whose CPU sigmoid is computed in the vectorised loop (see :func:`sigmoid_into`)."""
+
+
+def padded_scratch(like: torch.Tensor, k: int, width: int) -> torch.Tensor | None:
+    """The flat scratch buffer :func:`sigmoid_into` needs for blocks of up to ``width`` columns
+    (``None`` off the CPU, where it is not used)."""
+    return like.new_empty(k * (-(-width // ALIGN) * ALIGN)) if like.device.type == "cpu" else None
+
+
+def sigmoid_into(mask_logits: torch.Tensor, out: torch.Tensor | None, scratch: torch.Tensor | None) -> torch.Tensor:
+    """``sigmoid(M)`` of a ``[k, w]`` column block, into ``out`` (if given); returns the values.
+
+    On a CPU, PyTorch's sigmoid rounds differently in its vectorised loop and in the scalar loop
+    that finishes a row whose width is not a multiple of the vector length. A block of such a
+    width (the last one) goes through ``scratch`` (:func:`padded_scratch`), padded to a multiple
+    of :data:`ALIGN` columns, so that every coordinate takes the vectorised loop and the masks
+    do not depend on where ``d`` ends.
+    """
+    k, width = mask_logits.shape
+    if scratch is None or width % ALIGN == 0:
+        return torch.sigmoid(mask_logits) if out is None else torch.sigmoid(mask_logits, out=out)
+    padded = scratch[: k * (-(-width // ALIGN) * ALIGN)].view(k, -1)
+    padded[:, width:].zero_()
+    padded[:, :width].copy_(mask_logits)
+    values = torch.sigmoid(padded, out=padded)[:, :width]
+    return values if out is None else out.copy_(values)
+
+
+def masked_average_into(
+    mask_logits: torch.Tensor, models: torch.Tensor, s: torch.Tensor, total: torch.Tensor, weights: torch.Tensor,
+    product: torch.Tensor, scratch: torch.Tensor | None = None,
+) -> None:
+    """Forward of the masked average, into given buffers: ``s = sigmoid(M)``, ``S = sum_i s_i``
+    (``total``), ``W = sum_i s_i W_i / S`` (``weights``); ``product`` is ``[k, w]`` scratch and
+    ``scratch`` that of :func:`sigmoid_into`."""
+    sigmoid_into(mask_logits, s, scratch)
+    torch.sum(s, dim=0, out=total)
+    torch.mul(s, models, out=product)
+    torch.sum(product, dim=0, out=weights)
+    weights.div_(total)
+
+
+def mask_grad_into(
+    models: torch.Tensor, s: torch.Tensor, shift: torch.Tensor, scaled: torch.Tensor, out: torch.Tensor
+) -> torch.Tensor:
+    """``dL/dM_i = s_i (1 - s_i) (W_i - W) dL/dW / S`` into ``out``, from ``scaled = dL/dW / S`` and
+    ``shift = -W * scaled``: one ``addcmul`` and the fused sigmoid derivative."""
+    torch.addcmul(shift, models, scaled, out=out)
+    return torch.ops.aten.sigmoid_backward.grad_input(out, s, grad_input=out)
+
+
+class MaskedAverage(torch.autograd.Function):
+    """``W = sum_i s_i W_i / S`` with ``s = sigmoid(M)``, ``S = sum_j s_j``, and its closed-form
+    gradient ``dL/dM_i = s_i (1 - s_i) (W_i - W) / S * dL/dW`` (``dL/dW_i = s_i / S * dL/dW``).
+
+    The backward makes two passes over ``[k, d]`` (one ``addcmul``, one fused sigmoid
+    derivative) where autograd through the same expression makes three.
+    """
+
+    @staticmethod
+    def forward(ctx: Any, models: torch.Tensor, mask_logits: torch.Tensor) -> torch.Tensor:
+        s, product = torch.empty_like(models), torch.empty_like(models)
+        total, weights = models.new_empty(models.shape[1]), models.new_empty(models.shape[1])
+        masked_average_into(mask_logits, models, s, total, weights, product)
+        ctx.save_for_backward(models, s, total, weights)
+        return weights
+
+    @staticmethod
+    def backward(ctx: Any, grad_w: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        models, s, total, weights = ctx.saved_tensors
+        scaled = grad_w / total
+        grad_models = s * scaled if ctx.needs_input_grad[0] else None
+        grad_mask = None
+        if ctx.needs_input_grad[1]:
+            grad_mask = mask_grad_into(models, s, -weights * scaled, scaled, torch.empty_like(models))
+        return grad_models, grad_mask
+
+
+@contextlib.contextmanager
+def eval_mode(net: nn.Module) -> Iterator[None]:
+    """Put ``net`` in eval mode (BatchNorm uses the given buffers) and restore its mode after."""
+    was_training = net.training
+    net.eval()
+    try:
+        yield
+    finally:
+        net.train(was_training)
+
+
+def make_optimizer(mask: torch.Tensor, optimizer: str, lr: float | None) -> torch.optim.Optimizer:
+    """``torch.optim.Adam`` for "adam", plain SGD (on a clamped or sign gradient) otherwise."""
+    if optimizer not in DEFAULT_LR:
+        raise ValueError(f"unknown mask optimizer {optimizer!r}; choose one of {sorted(DEFAULT_LR)}")
+    lr = DEFAULT_LR[optimizer] if lr is None else lr
+    return torch.optim.Adam([mask], lr=lr) if optimizer == "adam" else torch.optim.SGD([mask], lr=lr)
+
+
+def transform_grad(grad: torch.Tensor, optimizer: str, grad_clip: float | None) -> None:
+    """In place: clamp to ``[-grad_clip, grad_clip]`` ("clipped_sgd") or take the sign ("sign_sgd")."""
+    if optimizer == "clipped_sgd" and grad_clip is not None:
+        grad.clamp_(-grad_clip, grad_clip)
+    elif optimizer == "sign_sgd":
+        grad.sign_()
+
+
+def _stalled(losses: list[float], patience: int, min_delta: float) -> bool:
+    """True when the loss improved by less than ``min_delta`` over the last ``patience`` steps."""
+    return len(losses) > patience and losses[-1 - patience] - losses[-1] < min_delta
+
+
+def train_mask_columns(
+    net: nn.Module,
+    models: torch.Tensor,
+    root_x: torch.Tensor,
+    root_y: torch.Tensor,
+    *,
+    buffers: dict[str, torch.Tensor] | None,
+    steps: int,
+    init: float,
+    optimizer: str,
+    lr: float | None,
+    grad_clip: float | None,
+    patience: int,
+    min_delta: float,
+    block: int,
+) -> tuple[torch.Tensor, list[float]]:
+    """:func:`skymask_lite.skymask.train_masks` over column blocks of ``block`` columns.
+
+    Per step: the forward of the masked average block by block into ``s`` and ``W``, autograd
+    through the network for ``dL/dW`` only, then the closed-form ``dL/dM`` and the SGD step
+    block by block (Adam steps the whole ``[k, d]`` gradient at once). On a CPU the buffers are
+    ``d_pad = roundup(d, ALIGN)`` columns wide and a block that reaches past ``d`` reads a
+    zero-padded copy of the models' last columns, so that every row of every block takes the
+    vectorised loops (see :func:`sigmoid_into`); the padded columns have zero gradient. Returns
+    a ``[k, d]`` view of the ``[k, d_pad]`` logits.
+    """
+    k, d = models.shape
+    d_pad = -(-d // ALIGN) * ALIGN if models.device.type == "cpu" else d
+    blocks = column_blocks(d_pad, block)
+    # blocks that reach past d read zero-padded copies of the models' last columns
+    model_blocks = [
+        models[:, cols] if cols.stop <= d else F.pad(models[:, cols.start : d], (0, cols.stop - max(cols.start, d)))
+        for cols in blocks
+    ]
+    mask = models.new_full((k, d_pad), init, requires_grad=True)
+    opt = make_optimizer(mask, optimizer, lr)
+    sgd_lr = opt.param_groups[0]["lr"] if optimizer != "adam" else None  # SGD steps are applied per block
+    s, scratch = torch.empty_like(mask), models.new_empty(k * min(block, d_pad))
+    padded = padded_scratch(models, k, min(block, d_pad))
+    # SGD needs one block of the gradient at a time (the forward's scratch block); Adam the whole
+    grad = torch.empty_like(mask) if sgd_lr is None else None
+    total, weights = models.new_empty(d_pad), models.new_empty(d_pad)
+    if root_x.dim() == 4:  # channels-last convolutions and pooling are faster on CPUs
+        root_x = channels_last(root_x)
+    losses: list[float] = []
+    for _ in range(steps):
+        with torch.no_grad():  # forward of masked_weights: W = sum_i s_i W_i / sum_i s_i
+            for cols, models_b in zip(blocks, model_blocks):
+                product = scratch[: k * (cols.stop - cols.start)].view(k, -1)
+                masked_average_into(mask[:, cols], models_b, s[:, cols], total[cols], weights[cols], product, padded)
+        w = weights[:d].clone().requires_grad_()
+        state = {**unflatten(w, net), **(buffers or {})}
+        with eval_mode(net):
+            loss = F.cross_entropy(functional_call(net, state, (root_x,)), root_y)
+        losses.append(loss.item())
+        if _stalled(losses, patience, min_delta):
+            break
+        (grad_w,) = torch.autograd.grad(loss, w)
+        with torch.no_grad():  # backward: dL/dM_i = s_i (1 - s_i) (W_i - W) dL/dW / S, then the step
+            scaled = F.pad(grad_w, (0, d_pad - d)).div_(total)
+            shift = -weights * scaled
+            for cols, models_b in zip(blocks, model_blocks):
+                g = scratch[: k * (cols.stop - cols.start)].view(k, -1) if grad is None else grad[:, cols]
+                mask_grad_into(models_b, s[:, cols], shift[cols], scaled[cols], g)
+                transform_grad(g, optimizer, grad_clip)
+                if sgd_lr is not None:
+                    mask[:, cols].add_(g, alpha=-sgd_lr)
+        if sgd_lr is None:
+            mask.grad = grad
+            opt.step()
+    return mask.detach()[:, :d], losses
+
+
+def binarize_columns(mask_logits: torch.Tensor, tau: float, block: int) -> torch.Tensor:
+    """``1[sigmoid(M) > tau]`` as a bool ``[k, d]`` tensor, block by block (no ``[k, d]`` float copy
+    of ``sigmoid(M)`` on a CPU)."""
+    k, d = mask_logits.shape
+    out = torch.empty(k, d, dtype=torch.bool, device=mask_logits.device)
+    padded = padded_scratch(mask_logits, k, min(block, d))
+    for cols in column_blocks(d, block):
+        torch.gt(sigmoid_into(mask_logits[:, cols], None, padded), tau, out=out[:, cols])
+    return out
