@@ -20,6 +20,26 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+__all__ = [
+    "IMAGE_SHAPES",
+    "MODELS",
+    "NUM_CLASSES",
+    "BasicBlock",
+    "FMNISTCNN",
+    "LogisticRegression",
+    "ResNet20",
+    "channels_last",
+    "flatten_params",
+    "float_buffers",
+    "load_flat",
+    "make_model",
+    "num_params",
+    "param_shapes",
+    "param_slices",
+    "resnet20",
+    "unflatten",
+]
+
 IMAGE_SHAPES = {"fmnist": (1, 28, 28), "cifar10": (3, 32, 32), "cifar100": (3, 32, 32)}
 NUM_CLASSES = {"fmnist": 10, "cifar10": 10, "cifar100": 100}
 
@@ -101,8 +121,8 @@ class ResNet20(nn.Module):
         return self.linear(F.adaptive_avg_pool2d(out, 1).flatten(1))
 
 
-def resnet20(num_classes: int = 10, in_channels: int = 3) -> ResNet20:
-    """ResNet20 (about 270k parameters) for CIFAR-10/100."""
+def resnet20(in_channels: int = 3, num_classes: int = 10) -> ResNet20:
+    """ResNet20 (about 270k parameters) for CIFAR-10/100; arguments in the order of every model here."""
     return ResNet20(in_channels, num_classes)
 
 
@@ -117,7 +137,7 @@ def make_model(name: str, dataset: str, *, seed: int = 0) -> nn.Module:
     classes = NUM_CLASSES[dataset]
     builders = {
         "cnn": lambda: FMNISTCNN(channels, classes) if dataset == "fmnist" else None,
-        "resnet20": lambda: resnet20(classes, channels),
+        "resnet20": lambda: resnet20(channels, classes),
         "lr": lambda: LogisticRegression(channels * height * width, classes),
     }
     if name not in builders:
