@@ -23,7 +23,6 @@ from .models import channels_last, unflatten
 __all__ = [
     "ALIGN",
     "CPU_BLOCK",
-    "DEFAULT_LR",
     "MaskedAverage",
     "binarize_columns",
     "column_blocks",
@@ -35,11 +34,6 @@ __all__ = [
     "train_mask_columns",
     "transform_grad",
 ]
-
-DEFAULT_LR = {"clipped_sgd": 1e7, "sign_sgd": 1.0, "adam": 0.1}
-"""Mask optimisers and their default learning rates. ``clipped_sgd`` is the authors': SGD after
-clamping every gradient element to ``[-grad_clip, grad_clip]`` (lr 1e7, clip 1e-7: at most one
-logit per step; they use lr 1e8 for ResNet20)."""
 
 CPU_BLOCK = 4096
 """Columns per block on a CPU: ``[k, block]`` float blocks of a few ``k = 101`` models fit the cache."""
@@ -149,11 +143,8 @@ def eval_mode(net: nn.Module) -> Iterator[None]:
         net.train(was_training)
 
 
-def make_optimizer(mask: torch.Tensor, optimizer: str, lr: float | None) -> torch.optim.Optimizer:
+def make_optimizer(mask: torch.Tensor, optimizer: str, lr: float) -> torch.optim.Optimizer:
     """``torch.optim.Adam`` for "adam", plain SGD (on a clamped or sign gradient) otherwise."""
-    if optimizer not in DEFAULT_LR:
-        raise ValueError(f"unknown mask optimizer {optimizer!r}; choose one of {sorted(DEFAULT_LR)}")
-    lr = DEFAULT_LR[optimizer] if lr is None else lr
     return torch.optim.Adam([mask], lr=lr) if optimizer == "adam" else torch.optim.SGD([mask], lr=lr)
 
 
@@ -180,7 +171,7 @@ def train_mask_columns(
     steps: int,
     init: float,
     optimizer: str,
-    lr: float | None,
+    lr: float,
     grad_clip: float | None,
     patience: int,
     min_delta: float,

@@ -61,7 +61,6 @@ from torch import nn
 from torch.func import functional_call
 
 from ._mask_kernels import (
-    DEFAULT_LR,
     MaskedAverage,
     binarize_columns,
     eval_mode,
@@ -90,18 +89,25 @@ __all__ = [
     "variance_share",
 ]
 
+DEFAULT_LR = {"clipped_sgd": 1e7, "sign_sgd": 1.0, "adam": 0.1}
+"""Mask optimisers and their default learning rates. ``clipped_sgd`` is the authors': SGD after
+clamping every gradient element to ``[-grad_clip, grad_clip]`` (lr 1e7, clip 1e-7: at most one
+logit per step; they use lr 1e8 for ResNet20)."""
+
 DEFAULT_THRESHOLD = {"ashman": 8.0, "bic_margin": 0.2, "bic": None, "always": None}
 """1-vs-2-cluster criteria and their default thresholds (see the module docstring)."""
 
 NORM_RATIO_RANGE = (0.1, 10.0)
-"""``||g0|| / median_i ||U_i||`` outside this range puts a warning in the round's statistics: the
-root mask anchors the cluster choice, and a root update an order of magnitude larger or smaller
-than the clients' gives a mask unlike any honest client's (the threat model lets the server
-observe this, so the rule warns; it does not rescale anything)."""
+"""The range of ``||g0|| / median_i ||U_i||`` outside which the round's statistics get a warning.
+
+The root mask anchors the cluster choice, and a root update an order of magnitude larger or
+smaller than the clients' gives a mask unlike any honest client's. The server may observe
+this, so the rule warns; it does not rescale anything."""
 
 MIN_KEPT_SHARE = 0.5
-"""Keeping fewer than this share of the clients puts a warning in the round's statistics: the
-rule assumes an honest majority, so a kept minority means the root's cluster is suspect."""
+"""The share of the clients under which a kept cluster gets a warning in the round's statistics.
+
+The rule assumes an honest majority, so a kept minority means the root's cluster is suspect."""
 
 
 def stack_models(global_params: torch.Tensor, updates: torch.Tensor, root_update: torch.Tensor) -> torch.Tensor:
@@ -204,8 +210,11 @@ def train_masks(
     """
     if models.dim() != 2:
         raise ValueError(f"models must be a [k, d] matrix (one flat model per row), got {tuple(models.shape)}")
+    if optimizer not in DEFAULT_LR:
+        raise ValueError(f"unknown mask optimizer {optimizer!r}; choose one of {sorted(DEFAULT_LR)}")
     return train_mask_columns(
-        net, models.detach(), root_x, root_y, buffers=buffers, steps=steps, init=init, optimizer=optimizer, lr=lr,
+        net, models.detach(), root_x, root_y, buffers=buffers, steps=steps, init=init, optimizer=optimizer,
+        lr=DEFAULT_LR[optimizer] if lr is None else lr,
         grad_clip=grad_clip, patience=patience, min_delta=min_delta,
         block=resolve_block(block, models.device, models.shape[1]),
     )

@@ -188,7 +188,7 @@ def test_train_masks_decreases_root_loss(problem, optimizer):
 def _autograd_masks(net, models, x, y, *, optimizer, steps=20, buffers=None):
     """Reference: autograd through masked_logits and the torch optimiser, the plain formulation."""
     mask = torch.full_like(models, 1.0, requires_grad=True)
-    opt = kernels.make_optimizer(mask, optimizer, None)
+    opt = kernels.make_optimizer(mask, optimizer, sm.DEFAULT_LR[optimizer])
     losses = []
     for _ in range(steps):
         opt.zero_grad()

@@ -4,22 +4,20 @@ Call :func:`set_style` once (every chapter does it in its import cell). Each fig
 then draws on a new ``matplotlib.figure.Figure`` and returns it. The figures are made
 without ``matplotlib.pyplot``, so a figure returned as a notebook cell's last expression
 is shown exactly once, whatever the backend, and no figure stays open between cells. Every
-figure is sized and titled by one helper, :func:`~skymask_lite.plots.style.panels`, and is at
-most :data:`BOOK_WIDTH` inches (700 pixels) wide; plot functions only draw what the package's
+figure is sized and titled by one helper, :func:`panels`, and is at
+most ``BOOK_WIDTH`` inches (700 pixels) wide; plot functions only draw what the package's
 computations give them.
 
 Fixed colours, the same in every figure:
 
-* :data:`BENIGN`, :data:`MALICIOUS`, :data:`ROOT`: benign clients, malicious clients and the
-  server's root model (looked up by name in :data:`ROLE_COLORS`);
-* :data:`PALETTE`: the cycle for every other series (defences, settings), colour-blind safe
+* ``BENIGN``, ``MALICIOUS``, ``ROOT``: benign clients, malicious clients and the
+  server's root model (looked up by name in ``ROLE_COLORS``);
+* ``PALETTE``: the cycle for every other series (defences, settings), colour-blind safe
   and disjoint from the three role colours; series ``k`` also gets line style
   ``LINESTYLES[k % 4]``, so curves that coincide stay visible.
 
-Modules, in chapter order: :mod:`~skymask_lite.plots.style`, :mod:`~skymask_lite.plots.data`
-(chapter 1), :mod:`~skymask_lite.plots.attacks` (2), :mod:`~skymask_lite.plots.defenses` (3),
-:mod:`~skymask_lite.plots.masks` (4), :mod:`~skymask_lite.plots.gmm` (5). Every public name is
-importable from ``skymask_lite.plots``.
+Modules, in chapter order: ``style``, ``data`` (chapter 1), ``attacks`` (2), ``defenses`` (3),
+``masks`` (4), ``gmm`` (5). Every public name is importable from ``skymask_lite.plots``.
 """
 
 from __future__ import annotations

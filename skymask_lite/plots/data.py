@@ -89,7 +89,7 @@ def accuracy_curves(
             ``{"round": t, metric: value, ...}`` (e.g. those of :func:`skymask_lite.fl.run_round`).
         metric: the record key on the y axis (``"test_acc"``, ``"asr"``, ``"fpr"``, ``"fnr"``).
         title: the axes' title.
-        colors: ``{legend label: colour}``; labels not in it take :data:`PALETTE` in order.
+        colors: ``{legend label: colour}``; labels not in it take ``PALETTE`` in order.
     """
     fig, (ax,) = panels(title=title)
     for k, (label, result) in enumerate(results.items()):

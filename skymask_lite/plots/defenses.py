@@ -29,7 +29,7 @@ def client_scores(
 ) -> Figure:
     """One bar per client: a rule's score of each update (Krum score, trust score, ...).
 
-    Bars are coloured by role (:data:`BENIGN`, :data:`MALICIOUS`); clients the rule dropped
+    Bars are coloured by role (``BENIGN``, ``MALICIOUS``); clients the rule dropped
     (not in ``kept``) are drawn faded and hatched.
 
     Args:

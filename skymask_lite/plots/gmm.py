@@ -109,7 +109,7 @@ def mask_pca(
         kept: the clients the rule kept (default: all), one set or ``{panel title: indices}``.
         mixture: "chosen" draws the mixture the 1-vs-2 criterion chose, "two" the 2-component one.
         groups: optional ``[n]`` integer group of every client (e.g. its majority label); benign
-            clients are then coloured by group (``tab10``) instead of :data:`BENIGN`.
+            clients are then coloured by group (``tab10``) instead of ``BENIGN``.
         group_name: legend prefix of the groups ("group 3").
         title: the panel's title (one info) or the figure's title (several).
     """
@@ -151,7 +151,7 @@ def detection_rounds(
             records ``{"round": t, "fpr": ., "fnr": ., ...}``. Records whose rate is ``None`` (no
             benign or no malicious client) are left out of that panel.
         title: the figure's title.
-        colors: ``{legend label: colour}``; labels not in it take :data:`PALETTE` in order.
+        colors: ``{legend label: colour}``; labels not in it take ``PALETTE`` in order.
     """
     fig, axes = panels([METRIC_LABELS["fpr"], METRIC_LABELS["fnr"]], title=title, sharey=True)
     for ax, metric in zip(axes, ("fpr", "fnr")):

@@ -58,8 +58,8 @@ def mask_heatmaps(
     ``[output units, inputs x kernel]`` (e.g. ``conv2.weight`` ``[50, 30, 3, 3]`` as ``[50, 270]``);
     matrices of more than 20,000 coordinates are drawn antialiased (each pixel is the local mean
     of the mask), smaller ones cell by cell. All panels share the colour scale ``[vmin, vmax]``
-    and one colour bar; the row labels are coloured by role (:data:`BENIGN`, :data:`MALICIOUS`,
-    :data:`ROOT`).
+    and one colour bar; the row labels are coloured by role (``BENIGN``, ``MALICIOUS``,
+    ``ROOT``).
 
     Args:
         values: ``[k, d]`` mask values of ``k`` models, e.g. ``sigmoid(M)`` or the binary masks.

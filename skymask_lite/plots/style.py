@@ -1,8 +1,8 @@
 """The book's style, and the one helper that sizes a figure and lays out its panels and titles.
 
-Every figure is at most :data:`BOOK_WIDTH` inches wide at :data:`DPI` (700 pixels, the book's
+Every figure is at most ``BOOK_WIDTH`` inches wide at ``DPI`` (700 pixels, the book's
 column), so it is shown at its own size and its labels stay legible: the smallest text is
-:data:`SMALL_FONT` points.
+``SMALL_FONT`` points.
 """
 
 from __future__ import annotations
@@ -37,11 +37,11 @@ __all__ = [
 
 #: Size in inches of one-panel figures.
 FIGSIZE = (6.4, 4.0)
-#: Widest figure in inches: the book's 700-pixel column at :data:`DPI`.
+#: Widest figure in inches: the book's 700-pixel column at ``DPI``.
 BOOK_WIDTH = 7.0
 #: Height in inches of each row of a figure of several panels side by side.
 PANEL_HEIGHT = 3.2
-#: Size in inches of each image of an image grid (smaller when the grid would exceed :data:`BOOK_WIDTH`).
+#: Size in inches of each image of an image grid (smaller when the grid would exceed ``BOOK_WIDTH``).
 THUMBNAIL = 0.9
 #: Resolution of every figure.
 DPI = 100
@@ -69,7 +69,7 @@ METRIC_LABELS = {"test_acc": "test accuracy", "asr": "attack success rate", "fpr
 
 
 def set_style() -> None:
-    """Set the book's matplotlib/seaborn style: white grid, :data:`PALETTE`, fixed size and dpi,
+    """Set the book's matplotlib/seaborn style: white grid, ``PALETTE``, fixed size and dpi,
     fonts of 10-11 points (legends, ticks) and 12 (labels, titles)."""
     sns.set_theme(
         context="notebook",
@@ -101,9 +101,9 @@ def panels(
 ) -> tuple[Figure, np.ndarray]:
     """A new figure with one panel per name: its size, its grid of axes and its titles.
 
-    Size: ``width`` (default :data:`FIGSIZE` for one column, :data:`BOOK_WIDTH` for several) and
-    ``height`` (default :data:`FIGSIZE` for one row of at most two panels, else
-    :data:`PANEL_HEIGHT` per row); the width never exceeds :data:`BOOK_WIDTH`, and with
+    Size: ``width`` (default ``FIGSIZE`` for one column, ``BOOK_WIDTH`` for several) and
+    ``height`` (default ``FIGSIZE`` for one row of at most two panels, else
+    ``PANEL_HEIGHT`` per row); the width never exceeds ``BOOK_WIDTH``, and with
     ``keep_aspect`` the height shrinks in proportion (image grids).
 
     Titles: several panels, or named ones, get their names as titles and ``title`` as the
@@ -159,7 +159,7 @@ def as_image(image: torch.Tensor) -> np.ndarray:
 
 
 def series_style(k: int, label: str, colors: Mapping[str, str] | None = None) -> dict[str, Any]:
-    """Colour and line style of series ``k``: ``colors[label]`` if given, else :data:`PALETTE` in order."""
+    """Colour and line style of series ``k``: ``colors[label]`` if given, else ``PALETTE`` in order."""
     return {"color": (colors or {}).get(label, PALETTE[k % len(PALETTE)]), "linestyle": LINESTYLES[k % len(LINESTYLES)]}
 
 
