@@ -187,8 +187,8 @@ def train_masks(
     ``patience`` steps (set ``patience >= steps`` to disable).
 
     Each step is the forward and closed-form backward of :func:`masked_weights`, computed over
-    column blocks with preallocated buffers; only the ``[d]`` masked model goes through autograd
-    and the network. The result equals autograd through :func:`masked_logits` up to float
+    contiguous column blocks with preallocated buffers (the models are copied into that layout
+    once); only the ``[d]`` masked model goes through autograd and the network. The result equals autograd through :func:`masked_logits` up to float
     rounding (the root images are fed in channels-last order, see
     :func:`~skymask_lite.models.channels_last`; see the tests).
 
