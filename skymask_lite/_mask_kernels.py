@@ -11,6 +11,7 @@ width is a memory layout: the result does not depend on it beyond float rounding
 from __future__ import annotations
 
 import contextlib
+from dataclasses import dataclass
 from typing import Any, Iterator
 
 import torch
@@ -23,8 +24,10 @@ from .models import channels_last, unflatten
 __all__ = [
     "ALIGN",
     "CPU_BLOCK",
+    "ColumnBlocks",
     "MaskedAverage",
     "binarize_columns",
+    "block_width",
     "column_blocks",
     "eval_mode",
     "from_blocks",
@@ -32,6 +35,7 @@ __all__ = [
     "padded_scratch",
     "resolve_block",
     "sigmoid_into",
+    "stack_blocks",
     "to_blocks",
     "train_mask_columns",
     "transform_grad",
@@ -56,7 +60,7 @@ def column_blocks(d: int, block: int) -> list[slice]:
 
 
 ALIGN = 64
-"""Block widths that are multiples of this take only the vectorised loop of the CPU sigmoid (see :func:`sigmoid_into`)."""
+"""Block widths that are multiples of this take only the vectorised loop of the CPU sigmoid."""
 
 
 def padded_scratch(like: torch.Tensor, k: int, width: int) -> torch.Tensor | None:
@@ -163,33 +167,76 @@ def _stalled(losses: list[float], patience: int, min_delta: float) -> bool:
     return len(losses) > patience and losses[-1 - patience] - losses[-1] < min_delta
 
 
-def to_blocks(models: torch.Tensor, block: int) -> torch.Tensor:
-    """``[k, d]`` -> ``[nb, k, block]``, block ``b`` holding columns ``b*block .. (b+1)*block - 1``
-    contiguously, the last one padded with zeros; one pass, or a view when there is one block."""
-    k, d = models.shape
-    if block >= d and models.is_contiguous():
-        return models.view(1, k, d)
+@dataclass
+class ColumnBlocks:
+    """A ``[k, d]`` matrix stored as contiguous column blocks: ``data[b]`` is ``[k, block]`` and
+    holds columns ``b*block .. (b+1)*block - 1``, the last block padded with zeros."""
+
+    data: torch.Tensor
+    d: int
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return self.data.shape[1], self.d
+
+    @property
+    def device(self) -> torch.device:
+        return self.data.device
+
+
+def block_width(block: int, d: int, device: torch.device) -> int:
+    """The width of the blocks of ``d`` columns: ``block``, or one block of ``d`` columns (on a CPU
+    padded to a multiple of :data:`ALIGN`, so its column sums round as in wider blocks)."""
+    whole = -(-d // ALIGN) * ALIGN if device.type == "cpu" else d
+    return min(block, whole)
+
+
+def stack_blocks(
+    global_params: torch.Tensor, updates: torch.Tensor, root_update: torch.Tensor, dtype: torch.dtype, block: int
+) -> ColumnBlocks:
+    """``W_i = w + U_i`` then ``W_0 = w + g0`` written straight into :class:`ColumnBlocks`: one pass
+    and one buffer, no ``[n+1, d]`` matrix and no blocked copy of it."""
+    n, d = updates.shape
+    block = block_width(block, d, updates.device)
     nb, full = -(-d // block), (d // block) * block
-    blocks = models.new_empty(nb, k, block)
-    rows = blocks.transpose(0, 1)  # [k, nb, block], a view
+    data = torch.empty(nb, n + 1, block, dtype=dtype, device=updates.device)
+    rows = data.transpose(0, 1)  # [n+1, nb, block], a view
+    for src, dst in ((updates, rows[:n]), (root_update.reshape(1, d), rows[n:])):
+        torch.add(global_params[:full].view(1, -1, block), src[:, :full].view(len(src), -1, block),
+                  out=dst[:, : d // block])
+        if full < d:
+            torch.add(global_params[full:], src[:, full:], out=dst[:, -1, : d - full])
+    data[-1, :, d - full if full < d else block :].zero_()
+    return ColumnBlocks(data, d)
+
+
+def to_blocks(models: torch.Tensor, block: int) -> ColumnBlocks:
+    """A ``[k, d]`` matrix as :class:`ColumnBlocks` (one copy; a view when there is one block)."""
+    k, d = models.shape
+    block = block_width(block, d, models.device)
+    if block == d and models.is_contiguous():
+        return ColumnBlocks(models.view(1, k, d), d)
+    nb, full = -(-d // block), (d // block) * block
+    data = models.new_empty(nb, k, block)
+    rows = data.transpose(0, 1)  # [k, nb, block], a view
     rows[:, : d // block].copy_(models[:, :full].view(k, -1, block))
     if full < d:
         rows[:, -1, : d - full].copy_(models[:, full:])
         rows[:, -1, d - full :].zero_()
-    return blocks
+    return ColumnBlocks(data, d)
 
 
-def from_blocks(blocks: torch.Tensor, d: int) -> torch.Tensor:
-    """Inverse of :func:`to_blocks`: ``[nb, k, block]`` -> ``[k, d]`` (a view when there is one block)."""
-    nb, k, block = blocks.shape
+def from_blocks(blocks: ColumnBlocks) -> torch.Tensor:
+    """Inverse of :func:`to_blocks`: the ``[k, d]`` matrix (a view when there is one block)."""
+    nb, k, block = blocks.data.shape
     if nb == 1:
-        return blocks[0, :, :d]
-    return blocks.transpose(0, 1).reshape(k, nb * block)[:, :d].contiguous()
+        return blocks.data[0, :, : blocks.d]
+    return blocks.data.transpose(0, 1).reshape(k, nb * block)[:, : blocks.d].contiguous()
 
 
 def train_mask_columns(
     net: nn.Module,
-    models: torch.Tensor,
+    models: ColumnBlocks,
     root_x: torch.Tensor,
     root_y: torch.Tensor,
     *,
@@ -201,20 +248,17 @@ def train_mask_columns(
     grad_clip: float | None,
     patience: int,
     min_delta: float,
-    block: int,
-) -> tuple[torch.Tensor, list[float]]:
-    """:func:`skymask_lite.skymask.train_masks` over blocks of ``block`` columns.
+) -> tuple[ColumnBlocks, list[float]]:
+    """:func:`skymask_lite.skymask.train_masks` on models in :class:`ColumnBlocks` (contiguous
+    blocks: on a CPU column slices of a ``[k, d]`` matrix ran about 14% slower).
 
-    The models are copied once into the contiguous block layout of :func:`to_blocks` (on a CPU a
-    contiguous ``[k, block]`` block streams through the cache; column slices of ``[k, d]`` ran
-    about 14% slower); one block is a view. Per step: the forward of the masked average block by
-    block into ``s`` and ``W``, autograd through the network for ``dL/dW`` only, then the
-    closed-form ``dL/dM`` and the SGD step block by block (Adam steps the whole gradient at
-    once). The padded columns have zero gradient. Returns the ``[k, d]`` logits.
+    Per step: the forward of the masked average block by block into ``s`` and ``W``, autograd
+    through the network for ``dL/dW`` only, then the closed-form ``dL/dM`` and the SGD step
+    block by block (Adam steps the whole gradient at once). The padded columns have zero
+    gradient. Returns the logits in the same layout.
     """
-    k, d = models.shape
-    blocks = to_blocks(models, block)
-    nb, _, width = blocks.shape
+    blocks, d = models.data, models.d
+    nb, k, width = blocks.shape
     mask = torch.full_like(blocks, init, requires_grad=True)
     opt = make_optimizer(mask, optimizer, lr)
     sgd_lr = opt.param_groups[0]["lr"] if optimizer != "adam" else None  # SGD steps are applied per block
@@ -250,16 +294,21 @@ def train_mask_columns(
         if sgd_lr is None:
             mask.grad = grad
             opt.step()
-    del blocks, s, grad, product  # before the [k, d] copy of the logits
-    return from_blocks(mask.detach(), d), losses
+    return ColumnBlocks(mask.detach(), d), losses
 
 
-def binarize_columns(mask_logits: torch.Tensor, tau: float, block: int) -> torch.Tensor:
+def binarize_columns(mask_logits: torch.Tensor | ColumnBlocks, tau: float, block: int) -> torch.Tensor:
     """``1[sigmoid(M) > tau]`` as a bool ``[k, d]`` tensor, block by block (no ``[k, d]`` float copy
-    of ``sigmoid(M)`` on a CPU)."""
+    of ``sigmoid(M)`` on a CPU); ``M`` is a ``[k, d]`` matrix or :class:`ColumnBlocks`."""
     k, d = mask_logits.shape
     out = torch.empty(k, d, dtype=torch.bool, device=mask_logits.device)
-    padded = padded_scratch(mask_logits, k, min(block, d))
-    for cols in column_blocks(d, block):
-        torch.gt(sigmoid_into(mask_logits[:, cols], None, padded), tau, out=out[:, cols])
+    if isinstance(mask_logits, ColumnBlocks):
+        parts = list(mask_logits.data)  # [k, block] each, padded
+        block = mask_logits.data.shape[2]
+    else:
+        parts = [mask_logits[:, cols] for cols in column_blocks(d, block)]
+    padded = padded_scratch(parts[0], k, parts[0].shape[1])
+    for b, part in enumerate(parts):
+        cols = slice(b * block, min((b + 1) * block, d))
+        torch.gt(sigmoid_into(part, None, padded)[:, : cols.stop - cols.start], tau, out=out[:, cols])
     return out

@@ -61,16 +61,21 @@ from torch import nn
 from torch.func import functional_call
 
 from ._mask_kernels import (
+    ColumnBlocks,
     MaskedAverage,
     binarize_columns,
     eval_mode,
+    from_blocks,
     resolve_block,
+    stack_blocks,
+    to_blocks,
     train_mask_columns,
 )
 from .aggregation import Aggregation, check_updates
 from .models import unflatten
 
 __all__ = [
+    "ColumnBlocks",
     "DEFAULT_LR",
     "DEFAULT_THRESHOLD",
     "MIN_KEPT_SHARE",
@@ -110,9 +115,21 @@ MIN_KEPT_SHARE = 0.5
 The rule assumes an honest majority, so a kept minority means the root's cluster is suspect."""
 
 
-def stack_models(global_params: torch.Tensor, updates: torch.Tensor, root_update: torch.Tensor) -> torch.Tensor:
+def stack_models(
+    global_params: torch.Tensor,
+    updates: torch.Tensor,
+    root_update: torch.Tensor,
+    *,
+    blocked: bool = False,
+    block: int | None = None,
+) -> torch.Tensor | ColumnBlocks:
     """The frozen models of step 1: ``W_i = w + U_i`` for the ``n`` clients, then ``W_0 = w + g0``
-    as the LAST row; ``[n+1, d]``, written in one pass into one buffer (no concatenated copy)."""
+    as the LAST row; ``[n+1, d]``, written in one pass into one buffer.
+
+    ``blocked=True`` writes them straight into the :class:`ColumnBlocks` layout that
+    :func:`train_masks` computes in (``block`` as there): :func:`skymask` does so, which makes
+    neither the ``[n+1, d]`` matrix nor a blocked copy of it.
+    """
     n, d = updates.shape
     if global_params.shape != (d,) or root_update.numel() != d:
         raise ValueError(
@@ -120,6 +137,8 @@ def stack_models(global_params: torch.Tensor, updates: torch.Tensor, root_update
             f"got {tuple(global_params.shape)} and {tuple(root_update.shape)}"
         )
     dtype = torch.promote_types(torch.promote_types(global_params.dtype, updates.dtype), root_update.dtype)
+    if blocked:
+        return stack_blocks(global_params, updates, root_update, dtype, resolve_block(block, updates.device, d))
     models = torch.empty(n + 1, d, dtype=dtype, device=updates.device)
     torch.add(global_params, updates, out=models[:n])  # W_i = w + U_i
     torch.add(global_params, root_update.reshape(d), out=models[n])  # W_0 = w + g0
@@ -165,7 +184,7 @@ def masked_logits(
 
 def train_masks(
     net: nn.Module,
-    models: torch.Tensor,
+    models: torch.Tensor | ColumnBlocks,
     root_x: torch.Tensor,
     root_y: torch.Tensor,
     *,
@@ -178,7 +197,7 @@ def train_masks(
     patience: int = 10,
     min_delta: float = 1e-2,
     block: int | None = None,
-) -> tuple[torch.Tensor, list[float]]:
+) -> tuple[torch.Tensor | ColumnBlocks, list[float]]:
     """Train the mask logits ``M`` of the frozen models ``W_i`` on the root data (SkyMask, step 3).
 
     Minimises ``CE(f_W(root_x), root_y)`` (cross-entropy over classes, mean over the full root
@@ -187,45 +206,56 @@ def train_masks(
     ``patience`` steps (set ``patience >= steps`` to disable).
 
     Each step is the forward and closed-form backward of :func:`masked_weights`, computed over
-    contiguous column blocks with preallocated buffers (the models are copied into that layout
-    once); only the ``[d]`` masked model goes through autograd and the network. The result equals autograd through :func:`masked_logits` up to float
+    contiguous column blocks (:class:`ColumnBlocks`; a ``[k, d]`` matrix is copied into them
+    once) with preallocated buffers; only the ``[d]`` masked model goes through autograd and
+    the network. The result equals autograd through :func:`masked_logits` up to float
     rounding (the root images are fed in channels-last order, see
     :func:`~skymask_lite.models.channels_last`; see the tests).
 
     Args:
         net: architecture template (its own parameters are not used).
-        models: ``[k, d]`` flat models ``W_i`` (clients first, root last in :func:`skymask`); read only.
+        models: ``[k, d]`` flat models ``W_i`` (clients first, root last in :func:`skymask`), or
+            the same as :class:`ColumnBlocks` (``stack_models(..., blocked=True)``); read only.
         buffers: float buffers (BatchNorm statistics) used unmasked, in eval mode; pass the
             global model's or the clients' average (``None``: the template's own buffers).
         optimizer: "clipped_sgd" (the authors': ``M -= lr * clamp(grad, -grad_clip, grad_clip)``,
             lr 1e7; use 1e8 for ResNet20), "sign_sgd" (``M -= lr * sign(grad)``, lr 1) or
             "adam" (lr 0.1). ``lr=None`` takes the default of :data:`DEFAULT_LR`.
-        block: columns per block, a memory layout only (the result does not depend on it);
-            ``None``: cache-sized blocks on a CPU, one whole block on other devices.
+        block: columns per block of a ``[k, d]`` ``models``, a memory layout only (the result
+            does not depend on it beyond float rounding); ``None``: cache-sized blocks on a CPU,
+            one whole block on other devices.
 
     Returns:
-        ``(M, losses)``: the detached ``[k, d]`` logits and the root loss before each step
+        ``(M, losses)``: the detached logits, ``[k, d]`` (:class:`ColumnBlocks` for blocked
+        models), and the root loss before each step
         (``losses[t]`` after ``t`` updates; the last entry is the returned mask's loss when
         early stopping fired).
     """
-    if models.dim() != 2:
-        raise ValueError(f"models must be a [k, d] matrix (one flat model per row), got {tuple(models.shape)}")
     if optimizer not in DEFAULT_LR:
         raise ValueError(f"unknown mask optimizer {optimizer!r}; choose one of {sorted(DEFAULT_LR)}")
-    return train_mask_columns(
-        net, models.detach(), root_x, root_y, buffers=buffers, steps=steps, init=init, optimizer=optimizer,
-        lr=DEFAULT_LR[optimizer] if lr is None else lr,
-        grad_clip=grad_clip, patience=patience, min_delta=min_delta,
-        block=resolve_block(block, models.device, models.shape[1]),
+    blocked = isinstance(models, ColumnBlocks)
+    if not blocked:
+        if models.dim() != 2:
+            raise ValueError(f"models must be a [k, d] matrix (one flat model per row), got {tuple(models.shape)}")
+        models = to_blocks(models.detach(), resolve_block(block, models.device, models.shape[1]))
+    logits, losses = train_mask_columns(
+        net, models, root_x, root_y, buffers=buffers, steps=steps, init=init, optimizer=optimizer,
+        lr=DEFAULT_LR[optimizer] if lr is None else lr, grad_clip=grad_clip, patience=patience, min_delta=min_delta,
     )
+    return (logits if blocked else from_blocks(logits)), losses
 
 
-def binarize(mask_logits: torch.Tensor, tau: float = 0.5, *, block: int | None = None) -> torch.Tensor:
+def binarize(
+    mask_logits: torch.Tensor | ColumnBlocks, tau: float = 0.5, *, block: int | None = None
+) -> torch.Tensor:
     """Binary masks ``B = 1[sigmoid(M) > tau]`` (SkyMask, step 4), a bool tensor of ``M``'s shape.
 
-    A ``[k, d]`` ``M`` is thresholded over column blocks (``block`` as in :func:`train_masks`), so
-    no ``[k, d]`` float copy of ``sigmoid(M)`` is made; the result does not depend on ``block``.
+    A ``[k, d]`` ``M`` (or :class:`ColumnBlocks`, as :func:`train_masks` returns for blocked
+    models) is thresholded over column blocks (``block`` as in :func:`train_masks`), so no
+    ``[k, d]`` float copy of ``sigmoid(M)`` is made; the result does not depend on ``block``.
     """
+    if isinstance(mask_logits, ColumnBlocks):
+        return binarize_columns(mask_logits, tau, mask_logits.data.shape[2])
     if mask_logits.dim() != 2:
         return torch.sigmoid(mask_logits) > tau
     return binarize_columns(mask_logits, tau, resolve_block(block, mask_logits.device, mask_logits.shape[1]))
@@ -467,7 +497,7 @@ def skymask(
             "the SkyMask defense needs the server's root update g0 (root_update); compute it on the root data"
         )
     start = time.perf_counter()
-    models = stack_models(global_params, updates, root_update)  # [n+1, d], root last
+    models = stack_models(global_params, updates, root_update, blocked=True)  # [n+1, d], root last, in blocks
     mask_logits, losses = train_masks(
         net, models, root_x, root_y, buffers=global_buffers, steps=steps, optimizer=optimizer, lr=lr,
         grad_clip=grad_clip, patience=patience, min_delta=min_delta,

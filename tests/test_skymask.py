@@ -353,6 +353,27 @@ def test_stack_models_promotes_dtype_and_checks_shapes(problem):
         sm.stack_models(w, updates, g0[:-1])
 
 
+@pytest.mark.parametrize("block", [5, 11, 44, 64, 4096])
+def test_blocked_models_are_the_stacked_models_in_column_blocks(problem, block):
+    """``stack_models(blocked=True)`` writes W_i = w + U_i (root last) straight into the layout that
+    train_masks computes in; d = 44: blocks of 5 leave a tail, 11 and 44 divide d, 4096 is padded."""
+    w, updates, g0 = problem["global_params"], problem["updates"], problem["root_update"]
+    models = sm.stack_models(w, updates, g0)
+    blocked = sm.stack_models(w, updates, g0, blocked=True, block=block)
+    assert blocked.shape == models.shape and blocked.data.shape[2] == min(block, 64)  # one block: padded to 64
+    assert torch.equal(blocked.data, kernels.to_blocks(models, block).data)
+    assert torch.equal(kernels.from_blocks(blocked), models)
+    padding = blocked.data.transpose(0, 1).reshape(12, -1)[:, 44:]
+    assert torch.equal(padding, torch.zeros_like(padding))
+    (logits, losses), (blocked_logits, blocked_losses) = (
+        sm.train_masks(problem["net"], m, problem["root_x"], problem["root_y"], steps=TINY_STEPS, block=block)
+        for m in (models, blocked)
+    )
+    assert isinstance(blocked_logits, sm.ColumnBlocks) and blocked_losses == losses
+    assert torch.equal(kernels.from_blocks(blocked_logits), logits)
+    assert torch.equal(sm.binarize(blocked_logits), sm.binarize(logits))
+
+
 @pytest.mark.parametrize("block", [5, 11, 44, 64, 4096, None])
 def test_binarize_is_the_threshold_of_the_sigmoid_for_every_block(block):
     """Column blocks are a memory layout: near-threshold logits are binarised as ``sigmoid(M) > tau``."""
@@ -535,5 +556,8 @@ def test_mask_steps_run_on_meta_tensors():
     for block in (None, 4096):
         masks = sm.binarize(logits.detach(), block=block)
         assert masks.device.type == "meta" and masks.dtype == torch.bool and masks.shape == (6, d)
+    blocked = sm.stack_models(w, updates, g0, blocked=True)  # one whole block off the CPU
+    assert blocked.data.device.type == "meta" and blocked.data.shape == (1, 6, d)
+    assert sm.binarize(blocked).device.type == "meta"
     assert kernels.resolve_block(None, torch.device("meta"), d) == d  # one whole block off the CPU
     assert kernels.resolve_block(None, torch.device("cpu"), d) == kernels.CPU_BLOCK
