@@ -12,7 +12,7 @@ Fixed colours, the same in every figure:
 
 * ``BENIGN``, ``MALICIOUS``, ``ROOT``: benign clients, malicious clients and the
   server's root model (looked up by name in ``ROLE_COLORS``);
-* ``PALETTE``: the cycle for every other series (defences, settings), colour-blind safe
+* ``PALETTE``: the cycle for every other series (defenses, settings), colour-blind safe
   and disjoint from the three role colours; series ``k`` also gets line style
   ``LINESTYLES[k % 4]``, so curves that coincide stay visible.
 
