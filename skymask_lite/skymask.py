@@ -15,8 +15,9 @@ Every round, with the paper's symbols (``w`` the global parameters, ``U_i`` clie
 
 :func:`stack_models`, :func:`train_masks`, :func:`binarize`, :func:`cluster_masks` and
 :func:`average_kept` are the steps; :func:`skymask` chains them into an aggregation rule
-returning an :class:`~skymask_lite.aggregation.Aggregation`. The blocked kernels of step 3 live
-in the private module ``skymask_lite._mask_kernels``.
+returning an :class:`~skymask_lite.aggregation.Aggregation`, whose ``stats`` (recorded per round
+as ``defense_info``) are :func:`decision_stats`. The blocked kernels of step 3 live in the
+private module ``skymask_lite._mask_kernels``.
 
 BatchNorm: running statistics are buffers, never masked. The masked model is evaluated in
 EVAL mode with the buffers it is given (the global model's, or the average of the clients'),
