@@ -107,8 +107,8 @@ class ResNet20(nn.Module):
         return self.linear(F.adaptive_avg_pool2d(out, 1).flatten(1))
 
 
-def resnet20(num_classes: int = 10, in_channels: int = 3) -> ResNet20:
-    """ResNet20 (about 270k parameters) for CIFAR-10/100."""
+def resnet20(in_channels: int = 3, num_classes: int = 10) -> ResNet20:
+    """ResNet20 (about 270k parameters) for CIFAR-10/100; arguments in the order of every model here."""
     return ResNet20(in_channels, num_classes)
 
 
@@ -123,7 +123,7 @@ def make_model(name: str, dataset: str, *, seed: int = 0) -> nn.Module:
     classes = NUM_CLASSES[dataset]
     builders = {
         "cnn": lambda: FMNISTCNN(channels, classes) if dataset == "fmnist" else None,
-        "resnet20": lambda: resnet20(classes, channels),
+        "resnet20": lambda: resnet20(channels, classes),
         "lr": lambda: LogisticRegression(channels * height * width, classes),
     }
     if name not in builders:

@@ -13,9 +13,11 @@ Every round, with the paper's symbols (``w`` the global parameters, ``U_i`` clie
                    cluster -> no attack, everyone is kept; two -> keep the ROOT mask's cluster
     6. aggregate   plain mean of the kept clients' ORIGINAL updates U_i (zero if nobody is kept)
 
-:func:`masked_weights`, :func:`train_masks`, :func:`binarize`, :func:`cluster_masks` are the
-steps; :func:`skymask` chains them into an aggregation rule returning an
-:class:`~skymask_lite.aggregation.Aggregation`.
+:func:`stack_models`, :func:`train_masks`, :func:`binarize`, :func:`cluster_masks` and
+:func:`average_kept` are the steps; :func:`skymask` chains them into an aggregation rule
+returning an :class:`~skymask_lite.aggregation.Aggregation`, whose ``stats`` (recorded per round
+as ``defense_info``) are :func:`decision_stats`. The blocked kernels of step 3 live in the
+private module ``skymask_lite._mask_kernels``.
 
 BatchNorm: running statistics are buffers, never masked. The masked model is evaluated in
 EVAL mode with the buffers it is given (the global model's, or the average of the clients'),
@@ -23,20 +25,19 @@ so BatchNorm normalises with those statistics instead of the root batch's, and m
 training never writes to them.
 
 1 vs 2 clusters (the paper: without attack the masks form one cluster and nobody is removed).
-BIC alone does not work: honest non-IID label groups are visible in mask space and BIC prefers
-two components without any attack (29-58% of honest clients dropped on Fashion-MNIST, bias 0.5).
-Default (``criterion="ashman"``): two clusters only if BIC prefers two components AND
-Ashman's D of the two components along the line of their means exceeds 8. D is dimensionless
-and invariant to the scale of the PCA coordinates; a paper-faithful prototype measured 3.2-4.0
-without attack and 16-48 under Min-Max and Fang-Trim (3 rounds each, real Fashion-MNIST); 8 is
-the geometric middle of 4 and 16. ``"bic_margin"``
-(relative BIC margin, depends on the coordinates' units), ``"bic"`` and ``"always"`` (the
-authors' code) are there for comparison.
+BIC alone does not work: honest non-IID label groups are visible in mask space, and BIC then
+prefers two components without any attack. Default (``criterion="ashman"``): two clusters only
+if BIC prefers two components AND Ashman's D of the two components along the line of their
+means exceeds 8. D is dimensionless, so it does not depend on the scale of the PCA
+coordinates; 8 is a calibration constant (chapter 5 shows D with and without attack).
+``"bic_margin"`` (relative BIC margin, depends on the coordinates' units), ``"bic"`` and
+``"always"`` (the authors' code) are there for comparison.
 
 How this differs from the authors' code:
 
-* models are ``w + U_i``; the authors rebuild them as ``w - local_lr * U_i``, scaling (and
-  flipping) the update a second time;
+* models are ``w + U_i``; the authors define the update as ``w - w_local`` and rebuild the model
+  as ``w - local_lr * update``, i.e. ``w + local_lr * U_i``: the same direction, rescaled by
+  ``local_lr`` (not flipped);
 * every parameter reads its own slice of the flat vector; the authors never advance their
   slice index, so every layer reads the first slice;
 * cross-entropy over the CLASS dimension; the authors apply log-softmax over the batch (dim 0);
@@ -47,23 +48,52 @@ How this differs from the authors' code:
 
 from __future__ import annotations
 
-import contextlib
 import math
 import time
 import warnings
-from typing import Any, Iterator
+from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from sklearn.exceptions import ConvergenceWarning
 from sklearn.mixture import GaussianMixture
 from threadpoolctl import threadpool_limits
 from torch import nn
 from torch.func import functional_call
 
+from ._mask_kernels import (
+    ColumnBlocks,
+    MaskedAverage,
+    binarize_columns,
+    eval_mode,
+    from_blocks,
+    resolve_block,
+    stack_blocks,
+    to_blocks,
+    train_mask_columns,
+)
 from .aggregation import Aggregation, check_updates
-from .models import channels_last, unflatten
+from .models import unflatten
+
+__all__ = [
+    "ColumnBlocks",
+    "DEFAULT_LR",
+    "DEFAULT_THRESHOLD",
+    "MIN_KEPT_SHARE",
+    "NORM_RATIO_RANGE",
+    "ashman_d",
+    "average_kept",
+    "binarize",
+    "cluster_masks",
+    "decision_stats",
+    "masked_logits",
+    "masked_weights",
+    "pca_2d",
+    "skymask",
+    "stack_models",
+    "train_masks",
+    "variance_share",
+]
 
 DEFAULT_LR = {"clipped_sgd": 1e7, "sign_sgd": 1.0, "adam": 0.1}
 """Mask optimisers and their default learning rates. ``clipped_sgd`` is the authors': SGD after
@@ -73,56 +103,47 @@ logit per step; they use lr 1e8 for ResNet20)."""
 DEFAULT_THRESHOLD = {"ashman": 8.0, "bic_margin": 0.2, "bic": None, "always": None}
 """1-vs-2-cluster criteria and their default thresholds (see the module docstring)."""
 
+NORM_RATIO_RANGE = (0.1, 10.0)
+"""The range of ``||g0|| / median_i ||U_i||`` outside which the round's statistics get a warning.
 
-def _masked_average_into(
-    mask_logits: torch.Tensor, models: torch.Tensor, s: torch.Tensor, total: torch.Tensor, weights: torch.Tensor,
-    product: torch.Tensor,
-) -> None:
-    """Forward of the masked average, into given buffers: ``s = sigmoid(M)``, ``S = sum_i s_i``
-    (``total``), ``W = sum_i s_i W_i / S`` (``weights``); ``product`` is ``[k, d]`` scratch."""
-    torch.sigmoid(mask_logits, out=s)
-    torch.sum(s, dim=0, out=total)
-    torch.mul(s, models, out=product)
-    torch.sum(product, dim=0, out=weights)
-    weights.div_(total)
+The root mask anchors the cluster choice, and a root update an order of magnitude larger or
+smaller than the clients' gives a mask unlike any honest client's. The server may observe
+this, so the rule warns; it does not rescale anything."""
 
+MIN_KEPT_SHARE = 0.5
+"""The share of the clients under which a kept cluster gets a warning in the round's statistics.
 
-def _mask_grad_into(
-    models: torch.Tensor, s: torch.Tensor, shift: torch.Tensor, scaled: torch.Tensor, out: torch.Tensor
-) -> torch.Tensor:
-    """``dL/dM_i = s_i (1 - s_i) (W_i - W) dL/dW / S`` into ``out``, from ``scaled = dL/dW / S`` and
-    ``shift = -W * scaled``: one ``addcmul`` and the fused sigmoid derivative."""
-    torch.addcmul(shift, models, scaled, out=out)
-    return torch.ops.aten.sigmoid_backward.grad_input(out, s, grad_input=out)
+The rule assumes an honest majority, so a kept minority means the root's cluster is suspect."""
 
 
-class _MaskedAverage(torch.autograd.Function):
-    """``W = sum_i s_i W_i / S`` with ``s = sigmoid(M)``, ``S = sum_j s_j``, and its closed-form
-    gradient ``dL/dM_i = s_i (1 - s_i) (W_i - W) / S * dL/dW`` (``dL/dW_i = s_i / S * dL/dW``).
+def stack_models(
+    global_params: torch.Tensor,
+    updates: torch.Tensor,
+    root_update: torch.Tensor,
+    *,
+    blocked: bool = False,
+    block: int | None = None,
+) -> torch.Tensor | ColumnBlocks:
+    """The frozen models of step 1: ``W_i = w + U_i`` for the ``n`` clients, then ``W_0 = w + g0``
+    as the LAST row; ``[n+1, d]``, written in one pass into one buffer.
 
-    The backward makes two passes over ``[k, d]`` (one ``addcmul``, one fused sigmoid
-    derivative) where autograd through the same expression makes three. On a ``[101, 140k]``
-    mask (2-core CPU, one thread) the masked average's forward + backward is 15-20% faster than
-    autograd's, a whole mask step about 10%.
+    ``blocked=True`` writes them straight into the :class:`ColumnBlocks` layout that
+    :func:`train_masks` computes in (``block`` as there): :func:`skymask` does so, which makes
+    neither the ``[n+1, d]`` matrix nor a blocked copy of it.
     """
-
-    @staticmethod
-    def forward(ctx: Any, models: torch.Tensor, mask_logits: torch.Tensor) -> torch.Tensor:
-        s, product = torch.empty_like(models), torch.empty_like(models)
-        total, weights = models.new_empty(models.shape[1]), models.new_empty(models.shape[1])
-        _masked_average_into(mask_logits, models, s, total, weights, product)
-        ctx.save_for_backward(models, s, total, weights)
-        return weights
-
-    @staticmethod
-    def backward(ctx: Any, grad_w: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-        models, s, total, weights = ctx.saved_tensors
-        scaled = grad_w / total
-        grad_models = s * scaled if ctx.needs_input_grad[0] else None
-        grad_mask = None
-        if ctx.needs_input_grad[1]:
-            grad_mask = _mask_grad_into(models, s, -weights * scaled, scaled, torch.empty_like(models))
-        return grad_models, grad_mask
+    n, d = updates.shape
+    if global_params.shape != (d,) or root_update.numel() != d:
+        raise ValueError(
+            f"global_params and root_update must be [d] with d = {d} (the updates' columns); "
+            f"got {tuple(global_params.shape)} and {tuple(root_update.shape)}"
+        )
+    dtype = torch.promote_types(torch.promote_types(global_params.dtype, updates.dtype), root_update.dtype)
+    if blocked:
+        return stack_blocks(global_params, updates, root_update, dtype, resolve_block(block, updates.device, d))
+    models = torch.empty(n + 1, d, dtype=dtype, device=updates.device)
+    torch.add(global_params, updates, out=models[:n])  # W_i = w + U_i
+    torch.add(global_params, root_update.reshape(d), out=models[n])  # W_0 = w + g0
+    return models
 
 
 def masked_weights(models: torch.Tensor, mask_logits: torch.Tensor) -> torch.Tensor:
@@ -141,18 +162,7 @@ def masked_weights(models: torch.Tensor, mask_logits: torch.Tensor) -> torch.Ten
         raise ValueError(
             f"models and mask_logits must both be [k, d]; got {tuple(models.shape)} and {tuple(mask_logits.shape)}"
         )
-    return _MaskedAverage.apply(models, mask_logits)
-
-
-@contextlib.contextmanager
-def _eval_mode(net: nn.Module) -> Iterator[None]:
-    """Put ``net`` in eval mode (BatchNorm uses the given buffers) and restore its mode after."""
-    was_training = net.training
-    net.eval()
-    try:
-        yield
-    finally:
-        net.train(was_training)
+    return MaskedAverage.apply(models, mask_logits)
 
 
 def masked_logits(
@@ -169,143 +179,13 @@ def masked_logits(
     over clients or layers. ``buffers`` (BatchNorm statistics) are used as they are, never masked.
     """
     state = {**unflatten(masked_weights(models, mask_logits), net), **(buffers or {})}
-    with _eval_mode(net):
+    with eval_mode(net):
         return functional_call(net, state, (x,))
-
-
-def _make_optimizer(mask: torch.Tensor, optimizer: str, lr: float | None) -> torch.optim.Optimizer:
-    """``torch.optim.Adam`` for "adam", plain SGD (on a clamped or sign gradient) otherwise."""
-    if optimizer not in DEFAULT_LR:
-        raise ValueError(f"unknown mask optimizer {optimizer!r}; choose one of {sorted(DEFAULT_LR)}")
-    lr = DEFAULT_LR[optimizer] if lr is None else lr
-    return torch.optim.Adam([mask], lr=lr) if optimizer == "adam" else torch.optim.SGD([mask], lr=lr)
-
-
-def _transform_grad(grad: torch.Tensor, optimizer: str, grad_clip: float | None) -> None:
-    """In place: clamp to ``[-grad_clip, grad_clip]`` ("clipped_sgd") or take the sign ("sign_sgd")."""
-    if optimizer == "clipped_sgd" and grad_clip is not None:
-        grad.clamp_(-grad_clip, grad_clip)
-    elif optimizer == "sign_sgd":
-        grad.sign_()
-
-
-def _stalled(losses: list[float], patience: int, min_delta: float) -> bool:
-    """True when the loss improved by less than ``min_delta`` over the last ``patience`` steps."""
-    return len(losses) > patience and losses[-1 - patience] - losses[-1] < min_delta
-
-
-MASK_BLOCK = 4096
-"""Columns per block of the mask step (see :func:`train_masks`)."""
-
-
-def _num_blocks(d: int, block: int) -> int:
-    """``ceil(d / block)``: the blocks of ``block`` columns that cover ``d`` columns."""
-    return -(-d // block)
-
-
-def _to_blocks(x: torch.Tensor, block: int) -> torch.Tensor:
-    """``[k, d]`` -> ``[ceil(d / block), k, block]``, each block contiguous, the tail padded with 0."""
-    k, d = x.shape
-    nb = _num_blocks(d, block)
-    return F.pad(x, (0, nb * block - d)).view(k, nb, block).transpose(0, 1).contiguous()
-
-
-def _from_blocks(x: torch.Tensor, d: int) -> torch.Tensor:
-    """Inverse of :func:`_to_blocks`: ``[nb, k, block]`` -> ``[k, d]``."""
-    nb, k, block = x.shape
-    return x.transpose(0, 1).reshape(k, nb * block)[:, :d].contiguous()
-
-
-def _model_blocks(
-    global_params: torch.Tensor, updates: torch.Tensor, root_update: torch.Tensor, block: int
-) -> torch.Tensor:
-    """:func:`stack_models` written straight into the block layout of :func:`_to_blocks`: one
-    ``[nb, n+1, block]`` tensor and one pass over it, instead of the ``[n+1, d]`` models, a
-    padded copy and a transposed copy (three fresh ``[n+1, d]`` buffers, page faults included)."""
-    n, d = updates.shape
-    nb = _num_blocks(d, block)
-    full = (d // block) * block
-    blocks = updates.new_empty(nb, n + 1, block)
-    rows = blocks.transpose(0, 1)  # [n+1, nb, block], a view
-    for src, dst in ((updates, rows[:n]), (root_update.reshape(1, d), rows[n:])):
-        torch.add(global_params[:full].view(1, -1, block), src[:, :full].view(len(src), -1, block), out=dst[:, : d // block])
-        if full < d:
-            torch.add(global_params[full:], src[:, full:], out=dst[:, -1, : d - full])
-    blocks[-1, :, d - full if full < d else block :].zero_()
-    return blocks
-
-
-def _binarize_blocks(mask_blocks: torch.Tensor, d: int, tau: float) -> torch.Tensor:
-    """:func:`binarize` of the logits in block layout: ``[k, d]`` bool, block by block through
-    one ``[k, block]`` scratch buffer (no ``[k, d]`` float copy of the logits)."""
-    nb, k, block = mask_blocks.shape
-    out = torch.empty(k, d, dtype=torch.bool, device=mask_blocks.device)
-    scratch = torch.empty_like(mask_blocks[0])
-    for b in range(nb):
-        cols = min(block, d - b * block)
-        torch.gt(torch.sigmoid(mask_blocks[b], out=scratch)[:, :cols], tau, out=out[:, b * block : b * block + cols])
-    return out
-
-
-def _train_mask_blocks(
-    net: nn.Module,
-    blocks: torch.Tensor,
-    d: int,
-    root_x: torch.Tensor,
-    root_y: torch.Tensor,
-    *,
-    buffers: dict[str, torch.Tensor] | None,
-    steps: int,
-    init: float,
-    optimizer: str,
-    lr: float | None,
-    grad_clip: float | None,
-    patience: int,
-    min_delta: float,
-) -> tuple[torch.Tensor, list[float]]:
-    """:func:`train_masks` on models already in block layout ``[nb, k, block]`` (padded columns
-    0); returns the mask logits in the same layout and the losses."""
-    nb, _, block = blocks.shape
-    mask = torch.full_like(blocks, init, requires_grad=True)
-    opt = _make_optimizer(mask, optimizer, lr)
-    sgd_lr = opt.param_groups[0]["lr"] if optimizer != "adam" else None  # SGD steps are applied per block
-    s, product = torch.empty_like(blocks), torch.empty_like(blocks[0])
-    # SGD needs one block of the gradient at a time (the forward's scratch block); Adam the whole
-    grad = torch.empty_like(blocks) if sgd_lr is None else None
-    total, weights = blocks.new_empty(nb, block), blocks.new_empty(nb, block)
-    if root_x.dim() == 4:  # channels-last convolutions and pooling are faster on CPUs
-        root_x = channels_last(root_x)
-    losses: list[float] = []
-    for _ in range(steps):
-        with torch.no_grad():  # forward of masked_weights: W = sum_i s_i W_i / sum_i s_i
-            for b in range(nb):
-                _masked_average_into(mask[b], blocks[b], s[b], total[b], weights[b], product)
-        w = weights.reshape(-1)[:d].clone().requires_grad_()
-        state = {**unflatten(w, net), **(buffers or {})}
-        with _eval_mode(net):
-            loss = F.cross_entropy(functional_call(net, state, (root_x,)), root_y)
-        losses.append(loss.item())
-        if _stalled(losses, patience, min_delta):
-            break
-        (grad_w,) = torch.autograd.grad(loss, w)
-        with torch.no_grad():  # backward: dL/dM_i = s_i (1 - s_i) (W_i - W) dL/dW / S, then the step
-            scaled = F.pad(grad_w, (0, weights.numel() - d)).view_as(weights).div_(total)
-            shift = -weights * scaled
-            for b in range(nb):
-                g = product if grad is None else grad[b]
-                _mask_grad_into(blocks[b], s[b], shift[b], scaled[b], g)
-                _transform_grad(g, optimizer, grad_clip)
-                if sgd_lr is not None:
-                    mask[b].add_(g, alpha=-sgd_lr)
-        if sgd_lr is None:
-            mask.grad = grad
-            opt.step()
-    return mask.detach(), losses
 
 
 def train_masks(
     net: nn.Module,
-    models: torch.Tensor,
+    models: torch.Tensor | ColumnBlocks,
     root_x: torch.Tensor,
     root_y: torch.Tensor,
     *,
@@ -317,8 +197,8 @@ def train_masks(
     grad_clip: float | None = 1e-7,
     patience: int = 10,
     min_delta: float = 1e-2,
-    block: int = MASK_BLOCK,
-) -> tuple[torch.Tensor, list[float]]:
+    block: int | None = None,
+) -> tuple[torch.Tensor | ColumnBlocks, list[float]]:
     """Train the mask logits ``M`` of the frozen models ``W_i`` on the root data (SkyMask, step 3).
 
     Minimises ``CE(f_W(root_x), root_y)`` (cross-entropy over classes, mean over the full root
@@ -326,65 +206,101 @@ def train_masks(
     everywhere. Early stop: when the loss improved by less than ``min_delta`` over the last
     ``patience`` steps (set ``patience >= steps`` to disable).
 
-    Each step is the forward and closed-form backward of :func:`masked_weights`, computed
-    block by block over ``block`` columns with preallocated buffers: a ``[k, block]`` block of
-    ``M``, ``sigmoid(M)`` and the models stays in the CPU cache between the operations of the
-    step, and no ``[k, d]`` temporary is allocated. The operations are those of
-    :func:`masked_weights` and its backward; the result equals autograd through
-    :func:`masked_logits` up to float rounding (reductions over another memory layout, and
-    the root images fed in channels-last order, see :func:`~skymask_lite.models.channels_last`;
-    see the tests). Only the ``[d]`` masked model goes through autograd and the network.
+    Each step is the forward and closed-form backward of :func:`masked_weights`, computed over
+    contiguous column blocks (:class:`ColumnBlocks`; a ``[k, d]`` matrix is copied into them
+    once) with preallocated buffers; only the ``[d]`` masked model goes through autograd and
+    the network. The result equals autograd through :func:`masked_logits` up to float
+    rounding (the root images are fed in channels-last order, see
+    :func:`~skymask_lite.models.channels_last`; see the tests).
 
     Args:
         net: architecture template (its own parameters are not used).
-        models: ``[k, d]`` flat models ``W_i`` (clients first, root last in :func:`skymask`).
+        models: ``[k, d]`` flat models ``W_i`` (clients first, root last in :func:`skymask`), or
+            the same as :class:`ColumnBlocks` (``stack_models(..., blocked=True)``); read only.
         buffers: float buffers (BatchNorm statistics) used unmasked, in eval mode; pass the
             global model's or the clients' average (``None``: the template's own buffers).
         optimizer: "clipped_sgd" (the authors': ``M -= lr * clamp(grad, -grad_clip, grad_clip)``,
             lr 1e7; use 1e8 for ResNet20), "sign_sgd" (``M -= lr * sign(grad)``, lr 1) or
             "adam" (lr 0.1). ``lr=None`` takes the default of :data:`DEFAULT_LR`.
-        block: columns per block (memory layout only; the result does not depend on it).
+        block: columns per block of a ``[k, d]`` ``models``, a memory layout only (the result
+            does not depend on it beyond float rounding); ``None``: cache-sized blocks on a CPU,
+            one whole block on other devices.
 
     Returns:
-        ``(M, losses)``: the detached ``[k, d]`` logits and the root loss before each step
+        ``(M, losses)``: the detached logits, ``[k, d]`` (:class:`ColumnBlocks` for blocked
+        models), and the root loss before each step
         (``losses[t]`` after ``t`` updates; the last entry is the returned mask's loss when
         early stopping fired).
     """
-    d = models.shape[1]
-    mask, losses = _train_mask_blocks(
-        net, _to_blocks(models.detach(), block), d, root_x, root_y, buffers=buffers, steps=steps, init=init,
-        optimizer=optimizer, lr=lr, grad_clip=grad_clip, patience=patience, min_delta=min_delta,
+    if optimizer not in DEFAULT_LR:
+        raise ValueError(f"unknown mask optimizer {optimizer!r}; choose one of {sorted(DEFAULT_LR)}")
+    blocked = isinstance(models, ColumnBlocks)
+    if not blocked:
+        if models.dim() != 2:
+            raise ValueError(f"models must be a [k, d] matrix (one flat model per row), got {tuple(models.shape)}")
+        models = to_blocks(models.detach(), resolve_block(block, models.device, models.shape[1]))
+    logits, losses = train_mask_columns(
+        net, models, root_x, root_y, buffers=buffers, steps=steps, init=init, optimizer=optimizer,
+        lr=DEFAULT_LR[optimizer] if lr is None else lr, grad_clip=grad_clip, patience=patience, min_delta=min_delta,
     )
-    return _from_blocks(mask, d), losses
+    return (logits if blocked else from_blocks(logits)), losses
 
 
-def binarize(mask_logits: torch.Tensor, tau: float = 0.5) -> torch.Tensor:
-    """Binary masks ``B = 1[sigmoid(M) > tau]`` (SkyMask, step 4), a bool tensor of ``M``'s shape."""
-    return torch.sigmoid(mask_logits) > tau
+def binarize(
+    mask_logits: torch.Tensor | ColumnBlocks, tau: float = 0.5, *, block: int | None = None
+) -> torch.Tensor:
+    """Binary masks ``B = 1[sigmoid(M) > tau]`` (SkyMask, step 4), a bool tensor of ``M``'s shape.
 
-
-def pca_2d(binary_masks: torch.Tensor) -> torch.Tensor:
-    """Coordinates of the ``k`` masks on their first two principal components, ``[k, 2]``.
-
-    Through the ``k x k`` Gram matrix: ``G = B B^T`` is computed on the masks' device and is
-    exact in float32 (integer counts below ``2^24``); it is centred as ``H G H`` with
-    ``H = I - 11^T / k`` in float64 and, with ``H G H = V L V^T``, the scores are
-    ``V[:, :2] sqrt(L[:2])`` (the same as the SVD of the centred masks). Each axis' sign is
-    fixed so that its largest-magnitude score is positive. The ``k x k`` eigenproblem runs in
-    NumPy on one thread (threaded LAPACK took ~0.5 s instead of ~1 ms on 2 busy cores); the
-    result is a float64 CPU tensor.
+    A ``[k, d]`` ``M`` (or :class:`ColumnBlocks`, as :func:`train_masks` returns for blocked
+    models) is thresholded over column blocks (``block`` as in :func:`train_masks`), so no
+    ``[k, d]`` float copy of ``sigmoid(M)`` is made; the result does not depend on ``block``.
     """
-    if binary_masks.shape[1] >= 2**24:
-        raise ValueError("the float32 Gram matrix is exact only for d < 2^24 coordinates")
-    b = binary_masks.to(torch.float32)
-    gram = (b @ b.T).cpu().double().numpy()
+    if isinstance(mask_logits, ColumnBlocks):
+        return binarize_columns(mask_logits, tau, mask_logits.data.shape[2])
+    if mask_logits.dim() != 2:
+        return torch.sigmoid(mask_logits) > tau
+    return binarize_columns(mask_logits, tau, resolve_block(block, mask_logits.device, mask_logits.shape[1]))
+
+
+def _centred_gram_eigh(x: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
+    """Eigenvalues (descending) and eigenvectors of the centred Gram matrix ``H x x^T H``,
+    ``H = I - 11^T / k``; only the ``k x k`` Gram matrix leaves ``x``'s device."""
+    if x.is_floating_point():
+        gram = x.double() @ x.double().T
+    else:  # 0/1 masks: the float32 Gram matrix holds integer counts, exact below 2^24
+        if x.shape[1] >= 2**24:
+            raise ValueError("the float32 Gram matrix is exact only for d < 2^24 coordinates")
+        b = x.to(torch.float32)
+        gram = b @ b.T
+    gram = gram.cpu().double().numpy()
     row = gram.mean(axis=1, keepdims=True)
-    with threadpool_limits(1):
+    with threadpool_limits(1):  # threaded LAPACK is far slower than one thread on a k x k problem
         eigenvalues, eigenvectors = np.linalg.eigh(gram - row - row.T + gram.mean())
-    top = np.argsort(eigenvalues)[::-1][:2]
-    points = eigenvectors[:, top] * np.sqrt(np.clip(eigenvalues[top], 0.0, None))
+    order = np.argsort(eigenvalues)[::-1]
+    return eigenvalues[order], eigenvectors[:, order]
+
+
+def pca_2d(x: torch.Tensor) -> torch.Tensor:
+    """Coordinates of the ``k`` rows of ``x`` (binary masks, or any ``[k, d]`` matrix) on their
+    first two principal components, ``[k, 2]``, a float64 CPU tensor.
+
+    Through the ``k x k`` Gram matrix ``G = x x^T``, computed on ``x``'s device (float32 for
+    bool masks, exact; float64 otherwise): centred as ``H G H`` with ``H = I - 11^T / k`` and,
+    with ``H G H = V L V^T``, the scores are ``V[:, :2] sqrt(L[:2])`` (the same as the SVD of the
+    centred rows). Each axis' sign is fixed so that its largest-magnitude score is positive.
+    """
+    eigenvalues, eigenvectors = _centred_gram_eigh(x)
+    points = eigenvectors[:, :2] * np.sqrt(np.clip(eigenvalues[:2], 0.0, None))
     signs = np.sign(points[np.abs(points).argmax(axis=0), [0, 1]])
     return torch.from_numpy(points * np.where(signs == 0, 1.0, signs))
+
+
+def variance_share(x: torch.Tensor) -> torch.Tensor:
+    """Share of the rows' total variance along each of the first two principal components of
+    :func:`pca_2d`: ``L[:2] / sum(L)``, ``[2]`` float64 on the CPU (0 when the rows coincide)."""
+    eigenvalues = np.clip(_centred_gram_eigh(x)[0], 0.0, None)
+    total = eigenvalues.sum()
+    return torch.from_numpy(eigenvalues[:2] / total if total > 0 else np.zeros(2))
 
 
 def ashman_d(means: np.ndarray, covariances: np.ndarray) -> float:
@@ -493,10 +409,56 @@ def cluster_masks(
     return benign, info
 
 
-def stack_models(global_params: torch.Tensor, updates: torch.Tensor, root_update: torch.Tensor) -> torch.Tensor:
-    """The frozen models of step 1: ``W_i = w + U_i`` for the ``n`` clients, then ``W_0 = w + g0``
-    as the LAST row; ``[n+1, d]``."""
-    return global_params + torch.cat([updates, root_update.reshape(1, -1)])
+def average_kept(updates: torch.Tensor, kept: torch.Tensor) -> torch.Tensor:
+    """Step 6: the plain mean of the kept clients' original updates, ``mean_{i in kept} U_i``
+    (a zero update when nobody is kept: the server then keeps ``w``)."""
+    return updates[kept].mean(dim=0) if len(kept) else torch.zeros_like(updates[0])
+
+
+def _finite(value: float) -> float | None:
+    """``value`` as a Python float, ``None`` when it is not finite (JSON has no Inf or NaN)."""
+    value = float(value)
+    return value if math.isfinite(value) else None
+
+
+def decision_stats(
+    info: dict[str, Any], kept: torch.Tensor, updates: torch.Tensor, root_update: torch.Tensor
+) -> dict[str, Any]:
+    """SkyMask's decision statistics for the round record (``defense_info``), small and JSON-safe.
+
+    ``num_clusters``, ``ashman_d``, ``bic_1`` and ``bic_2`` (BIC of the 1- and 2-component
+    mixtures), ``criterion`` and ``threshold`` come from :func:`cluster_masks`' ``info``;
+    ``root_cluster_size`` is the number of clients in the root's cluster (the root not counted);
+    ``root_norm_ratio`` is ``||g0|| / median_i ||U_i||``. ``warnings`` lists why the decision is
+    suspect: the ratio outside :data:`NORM_RATIO_RANGE`, or fewer than :data:`MIN_KEPT_SHARE` of
+    the clients kept.
+    """
+    n = updates.shape[0]
+    norms = torch.linalg.vector_norm(updates, dim=1)  # [n], ||U_i||
+    ratio = _finite((torch.linalg.vector_norm(root_update) / torch.quantile(norms, 0.5)).item())
+    low, high = NORM_RATIO_RANGE
+    problems = []
+    if ratio is None or not low <= ratio <= high:
+        problems.append(
+            f"root update norm / median client update norm = {ratio}, outside [{low}, {high}]: "
+            "the root mask may not represent the honest clients"
+        )
+    if len(kept) < MIN_KEPT_SHARE * n:
+        problems.append(
+            f"kept {len(kept)} of {n} clients, fewer than {MIN_KEPT_SHARE:.0%}: the root's cluster is a minority"
+        )
+    threshold = info["threshold"]
+    return {
+        "num_clusters": int(info["num_clusters"]),
+        "ashman_d": _finite(info["ashman_d"]),
+        "bic_1": _finite(info["bic"][1]),
+        "bic_2": _finite(info["bic"][2]),
+        "root_cluster_size": int(len(kept)),
+        "root_norm_ratio": ratio,
+        "criterion": info["criterion"],
+        "threshold": None if threshold is None else float(threshold),
+        "warnings": problems,
+    }
 
 
 def skymask(
@@ -523,34 +485,32 @@ def skymask(
 ) -> Aggregation:
     """The SkyMask aggregation rule (Yan et al., ECCV 2024), steps 1-6 of the module docstring.
 
-    Builds ``W_i = w + U_i`` and ``W_0 = w + g0`` (root last), trains their masks
-    (:func:`train_masks`), binarises them at ``tau`` (:func:`binarize`), clusters them
-    (:func:`cluster_masks`) and returns the plain mean of the benign clients' ORIGINAL updates,
-    or a zero update with empty ``kept`` when no client shares the root's cluster.
-
     ``global_buffers`` are the BatchNorm statistics the masked model is evaluated with (eval
-    mode, never masked). ``info`` holds the cluster info of :func:`cluster_masks`,
-    ``mask_losses``, ``mask_seconds``, ``cluster_seconds`` and, if ``return_masks``, ``masks``
-    (the ``[n+1, d]`` binary masks).
+    mode, never masked). Returns the mean of the kept clients' ORIGINAL updates (a zero update
+    with empty ``kept`` when no client shares the root's cluster). ``info`` holds the cluster
+    info of :func:`cluster_masks`, ``mask_losses``, ``mask_seconds``, ``cluster_seconds`` and, if
+    ``return_masks``, ``masks`` (the ``[n+1, d]`` binary masks); ``stats`` holds
+    :func:`decision_stats`.
     """
     check_updates(updates)
     if root_update is None:
-        raise ValueError("SkyMask needs the server's root update g0 (root_update); compute it on the root data")
-    d = updates.shape[1]
+        raise ValueError(
+            "the SkyMask defense needs the server's root update g0 (root_update); compute it on the root data"
+        )
     start = time.perf_counter()
-    mask_blocks, losses = _train_mask_blocks(
-        net, _model_blocks(global_params, updates, root_update, MASK_BLOCK), d, root_x, root_y,
-        buffers=global_buffers, steps=steps, init=1.0, optimizer=optimizer, lr=lr, grad_clip=grad_clip,
-        patience=patience, min_delta=min_delta,
+    models = stack_models(global_params, updates, root_update, blocked=True)  # [n+1, d], root last, in blocks
+    mask_logits, losses = train_masks(
+        net, models, root_x, root_y, buffers=global_buffers, steps=steps, optimizer=optimizer, lr=lr,
+        grad_clip=grad_clip, patience=patience, min_delta=min_delta,
     )
-    masks = _binarize_blocks(mask_blocks, d, tau)
-    del mask_blocks
+    del models
+    masks = binarize(mask_logits, tau)  # [n+1, d] bool
+    del mask_logits
     middle = time.perf_counter()
-    benign, info = cluster_masks(masks, seed=seed, criterion=criterion, threshold=threshold, n_init=n_init)
+    kept, info = cluster_masks(masks, seed=seed, criterion=criterion, threshold=threshold, n_init=n_init)
     end = time.perf_counter()
-    benign = benign.to(updates.device)
-    update = updates[benign].mean(dim=0) if len(benign) else torch.zeros_like(updates[0])
+    kept = kept.to(updates.device)
     info.update(mask_losses=losses, mask_seconds=middle - start, cluster_seconds=end - middle)
     if return_masks:
         info["masks"] = masks
-    return Aggregation(update, benign, info)
+    return Aggregation(average_kept(updates, kept), kept, info, decision_stats(info, kept, updates, root_update))

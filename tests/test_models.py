@@ -95,3 +95,13 @@ def test_channels_last_copies_also_one_channel_batches(channels):
         assert conv(x.contiguous(memory_format=torch.channels_last)).stride()[1] != 1
     with pytest.raises(ValueError, match=r"\[N, C, H, W\]"):
         channels_last(x[0])
+
+
+def test_resnet20_takes_its_arguments_in_the_order_of_every_model():
+    """``(in_channels, num_classes)``, like :class:`FMNISTCNN` and :class:`ResNet20`."""
+    from skymask_lite.models import ResNet20, resnet20
+
+    for build in (resnet20, ResNet20, FMNISTCNN):
+        size = 32 if build is not FMNISTCNN else 28
+        assert build(1, 7)(torch.zeros(2, 1, size, size)).shape == (2, 7)
+    assert num_params(resnet20(3, 10)) == num_params(make_model("resnet20", "cifar10"))

@@ -63,7 +63,7 @@ def test_label_heatmap_panels_share_one_colour_bar():
     assert [ax.get_title() for ax in fig.axes[:3]] == list(panels)
     assert [ax.get_ylabel() for ax in fig.axes[:3]] == ["client", "", ""]
     assert fig.get_suptitle() == "bias split"
-    assert fig.get_size_inches()[0] == pytest.approx(3 * plots.PANEL_WIDTH)
+    assert fig.get_size_inches()[0] == pytest.approx(plots.BOOK_WIDTH)  # the book's column
     assert _renders(fig)
 
 
@@ -117,7 +117,7 @@ def test_example_images_grid_one_column_per_class(channels):
     names = ["a", "b", "c", "d"]
     fig = plots.example_images(x, y, names, per_class=2)
     assert len(fig.axes) == 2 * 4
-    assert [ax.get_title() for ax in fig.axes[:4]] == ["0: a", "1: b", "2: c", "3: d"]
+    assert [ax.get_title() for ax in fig.axes[:4]] == ["0\na", "1\nb", "2\nc", "3\nd"]  # class index over name
     shown = fig.axes[4].get_images()[0].get_array()  # row 1, class 0: the second image of class 0
     assert shown.shape == ((8, 8) if channels == 1 else (8, 8, 3))
     assert shown.min() == 0.0 and shown.max() == 1.0
@@ -248,7 +248,7 @@ def test_update_pca_wraps_many_panels():
     panels = {f"attack {k}": _updates(n=10, d=5, seed=k) for k in range(4)}
     fig = plots.update_pca(panels, [0, 1])
     assert [ax.get_title() for ax in fig.axes if ax.get_visible()] == list(panels)
-    assert tuple(fig.get_size_inches()) == pytest.approx((2 * plots.PANEL_WIDTH, 2 * plots.FIGSIZE[1]))
+    assert tuple(fig.get_size_inches()) == pytest.approx((plots.BOOK_WIDTH, 2 * plots.PANEL_HEIGHT))
     fig = plots.update_pca(dict(list(panels.items())[:3]), [0], ncols=2)
     assert sum(ax.get_visible() for ax in fig.axes) == 3
     assert _renders(fig)
@@ -510,3 +510,65 @@ def test_loss_curves_start_at_step_zero():
     assert _renders(fig)
     with pytest.raises(ValueError, match="non-empty"):
         plots.loss_curves({"a": []})
+
+
+# ----------------------------------------------------------------------------- one helper, the book's column
+
+
+def test_panels_sizes_titles_and_hides_unused_cells():
+    fig, axes = plots.panels(title="alone")
+    assert len(axes) == 1 and axes[0].get_title() == "alone" and not fig.get_suptitle()
+    assert tuple(fig.get_size_inches()) == pytest.approx(plots.FIGSIZE)
+    fig, axes = plots.panels(["a", "b", "c"], title="all", ncols=2)
+    assert [ax.get_title() for ax in axes] == ["a", "b", "c"] and fig.get_suptitle() == "all"
+    assert sum(ax.get_visible() for ax in fig.axes) == 3 and len(fig.axes) == 4
+    assert tuple(fig.get_size_inches()) == pytest.approx((plots.BOOK_WIDTH, 2 * plots.PANEL_HEIGHT))
+    fig, _ = plots.panels(["named"], title="figure")  # one named panel: its name, and the figure's title
+    assert fig.axes[0].get_title() == "named" and fig.get_suptitle() == "figure"
+    fig, _ = plots.panels(20, ncols=10, width=10.0, height=2.0, keep_aspect=True)  # too wide: shrunk, same aspect
+    assert tuple(fig.get_size_inches()) == pytest.approx((plots.BOOK_WIDTH, 2.0 * plots.BOOK_WIDTH / 10.0))
+    fig, _ = plots.panels(width=12.0, height=3.0)
+    assert tuple(fig.get_size_inches()) == pytest.approx((plots.BOOK_WIDTH, 3.0))
+    with pytest.raises(ValueError, match="at least one panel"):
+        plots.panels([])
+
+
+def _texts(fig):
+    """Every visible, non-empty text of a drawn figure."""
+    fig.canvas.draw()
+    return [t for t in fig.findobj(mpl.text.Text) if t.get_visible() and t.get_text().strip()]
+
+
+def test_wide_figures_fit_the_book_column_with_legible_text():
+    """The figures that used to grow with their content (10 image columns, 8 heatmap columns,
+    4 mask layers, side-by-side panels) fit 700 pixels, with no text under SMALL_FONT points."""
+    with mpl.rc_context():
+        plots.set_style()
+        g = torch.Generator().manual_seed(0)
+        table = {f"attack {r}": {f"rule {c}": 0.1 * c for c in range(8)} for r in range(5)}
+        figures = {
+            "example_images": plots.example_images(torch.randn(40, 1, 8, 8, generator=g), torch.arange(40) % 10,
+                                                   [f"class {c}" for c in range(10)], per_class=2),
+            "metric_heatmap": plots.metric_heatmap(table, title="accuracy"),
+            "label_heatmap": plots.label_heatmap({f"q = {q}": _shares(seed=q) for q in range(3)}, title="split"),
+            "detection_rounds": plots.detection_rounds({"a": [{"round": 1, "fpr": 0.1, "fnr": 0.2}]}, title="t"),
+        }
+        for name, fig in figures.items():
+            assert fig.get_size_inches()[0] <= plots.BOOK_WIDTH + 1e-9, name
+            sizes = [t.get_fontsize() for t in _texts(fig)]
+            assert sizes and min(sizes) >= plots.SMALL_FONT, (name, min(sizes))
+
+
+def test_every_plots_name_the_chapters_use_exists():
+    """The notebooks call ``plots.X``: every such X is still importable from the package."""
+    import json
+    import re
+    from pathlib import Path
+
+    used = set()
+    for notebook in sorted(Path(__file__).resolve().parents[1].glob("book/*.ipynb")):
+        cells = json.loads(notebook.read_text())["cells"]
+        code = "\n".join("".join(c["source"]) for c in cells if c["cell_type"] == "code")
+        used |= set(re.findall(r"\bplots\.(\w+)", code))
+    assert used, "no notebook uses plots: the glob is wrong"
+    assert sorted(name for name in used if not hasattr(plots, name)) == []
