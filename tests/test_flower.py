@@ -50,7 +50,8 @@ SMALL = dict(num_clients=10, num_malicious=2, rounds=2, train_size=1500, root_si
 
 
 def _simulator(config: Config) -> dict:
-    return run_experiment(config, progress=False)
+    """The simulator on what a Flower run executes: the loop engine on the CPU."""
+    return run_experiment(check_flower_config(config), progress=False)
 
 
 def _same_rounds(flower: dict, simulator: dict) -> None:

@@ -70,9 +70,9 @@ def _run_cli(args: argparse.Namespace, make_config: Callable[[argparse.Namespace
     except ModuleNotFoundError as err:  # the command line reports it as a usage error
         raise ValueError(str(err)) from err
     from ..experiments import run_experiment
-    from .apps import agreement, run_flower
+    from .apps import agreement, check_flower_config, run_flower
 
-    config = make_config(args)
+    config = check_flower_config(make_config(args), args.fraction_train)  # the simulator runs the same
     out = None if args.compare_simulator else args.out
     results = run_flower(config, out, ray_cpus=args.ray_cpus, fraction_train=args.fraction_train)
     print(json.dumps({"out": str(args.out) if args.out else None, **results["final"]}))

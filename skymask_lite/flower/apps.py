@@ -136,26 +136,34 @@ def server_view(fed: Federation) -> Federation:
     return dataclasses.replace(fed, client_data=[], root_steps=fed.root_update_steps)
 
 
-def check_flower_config(config: Config, fraction_train: float = 1.0) -> None:
-    """Raise ``ValueError`` for a config the Flower run cannot honour, saying what to change."""
-    config.validate()
+def check_flower_config(config: Config, fraction_train: float = 1.0) -> Config:
+    """The config a Flower run executes (``"auto"`` engine and device become ``"loop"`` and
+    ``"cpu"``: Flower's clients train one by one on the CPU); a ``ValueError`` saying what to change
+    for a config the Flower run cannot honour."""
+    config = dataclasses.replace(
+        config,
+        engine="loop" if config.engine == "auto" else config.engine,
+        device="cpu" if config.device == "auto" else config.device,
+    )
     if config.engine != "loop":
         raise ValueError(
             f"engine {config.engine!r}: Flower's clients train one by one with the loop engine's SGD; "
-            "use --engine loop (the default)"
+            "use --engine loop or auto (the default)"
         )
     if torch.device(config.device).type != "cpu":
         raise ValueError(
-            f"device {config.device!r}: the Flower simulation here runs its clients on CPU; use --device cpu"
+            f"device {config.device!r}: the Flower simulation here runs its clients on CPU; use --device cpu or auto"
         )
     if not 0.0 < fraction_train <= 1.0:
         raise ValueError(f"fraction_train must be in (0, 1], got {fraction_train}")
+    config.validate()
+    return config
 
 
 def serve(grid: Grid, config: Config, fraction_train: float = 1.0) -> dict[str, Any]:
     """The ServerApp's body: run ``config.rounds`` rounds of the config's defence (wrapped by its
     attack when the attack rewrites updates) on ``grid``; returns the results JSON."""
-    check_flower_config(config, fraction_train)
+    config = check_flower_config(config, fraction_train)
     started = time.perf_counter()
     torch.manual_seed(config.seed)
     fed, attack, defense = build(config)
@@ -243,7 +251,7 @@ def run_flower(
 
     Flower's telemetry is switched off unless ``FLWR_TELEMETRY_ENABLED`` is set.
     """
-    check_flower_config(config, fraction_train)
+    config = check_flower_config(config, fraction_train)
     if ray_cpus < 1:
         raise ValueError(f"ray_cpus must be >= 1, got {ray_cpus}")
     os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
