@@ -86,6 +86,7 @@ __all__ = [
     "binarize",
     "cluster_masks",
     "decision_stats",
+    "mask_geometry",
     "masked_logits",
     "masked_weights",
     "pca_2d",
@@ -461,6 +462,30 @@ def decision_stats(
     }
 
 
+def mask_geometry(masks: torch.Tensor, info: dict[str, Any], digits: int = 5) -> dict[str, Any]:
+    """Everything a study of the 1-vs-2 decision needs to recompute it offline, JSON-safe: the
+    masks' 2-D PCA ``points`` (``[k, 2]``, root last), the 2-component mixture (``labels``,
+    ``means``, ``covariances``), and per mask the share of its bits that differ from the root's
+    (``root_hamming``, ``mean_i 1[B_i != B_root]``) and the share of its bits that are 1
+    (``ones``)."""
+    bits = masks.to(torch.float32)
+    root_hamming = (bits - bits[-1]).abs_().mean(dim=1)  # [k]
+    ones = bits.mean(dim=1)  # [k]
+    fit2 = info["fit2"]
+
+    def rounded(t: torch.Tensor) -> Any:
+        return np.round(t.detach().cpu().double().numpy(), digits).tolist()
+
+    return {
+        "points": rounded(info["points"]),
+        "labels": fit2["labels"].tolist(),
+        "means": rounded(fit2["means"]),
+        "covariances": rounded(fit2["covariances"]),
+        "root_hamming": rounded(root_hamming),
+        "ones": rounded(ones),
+    }
+
+
 def skymask(
     updates: torch.Tensor,
     *,
@@ -482,6 +507,7 @@ def skymask(
     threshold: float | None = None,
     n_init: int = 3,
     return_masks: bool = False,
+    record_geometry: bool = False,
 ) -> Aggregation:
     """The SkyMask aggregation rule (Yan et al., ECCV 2024), steps 1-6 of the module docstring.
 
@@ -490,7 +516,8 @@ def skymask(
     with empty ``kept`` when no client shares the root's cluster). ``info`` holds the cluster
     info of :func:`cluster_masks`, ``mask_losses``, ``mask_seconds``, ``cluster_seconds`` and, if
     ``return_masks``, ``masks`` (the ``[n+1, d]`` binary masks); ``stats`` holds
-    :func:`decision_stats`.
+    :func:`decision_stats` and, with ``record_geometry``, :func:`mask_geometry` (for studies of
+    the 1-vs-2 decision).
     """
     check_updates(updates)
     if root_update is None:
@@ -513,4 +540,7 @@ def skymask(
     info.update(mask_losses=losses, mask_seconds=middle - start, cluster_seconds=end - middle)
     if return_masks:
         info["masks"] = masks
-    return Aggregation(average_kept(updates, kept), kept, info, decision_stats(info, kept, updates, root_update))
+    stats = decision_stats(info, kept, updates, root_update)
+    if record_geometry:
+        stats["geometry"] = mask_geometry(masks, info)
+    return Aggregation(average_kept(updates, kept), kept, info, stats)

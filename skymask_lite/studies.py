@@ -26,9 +26,11 @@ def decision_study(rounds: int = 5, seeds: tuple[int, ...] = (0, 1, 2)) -> list[
 
     No attack and Min-Max, Fang-Trim and LIE with 20% attackers; the bias-q split at
     q in {0.1, 0.3, 0.5, 0.7, 0.8, 0.9} and the Dirichlet split at alpha in {0.1, 0.3, 1.0};
-    ``seeds``; ``rounds`` rounds each; 100 clients, the book's recipe.
+    ``seeds``; ``rounds`` rounds each; 100 clients, the book's recipe. Every round records the
+    masks' geometry (:func:`~skymask_lite.skymask.mask_geometry`), so that any 1-vs-2 rule can be
+    recomputed from the files.
     """
-    base = Config(defense="skymask", rounds=rounds, num_clients=100)
+    base = Config(defense="skymask", defense_options={"record_geometry": True}, rounds=rounds, num_clients=100)
     splits = [{"split": "bias", "bias": q} for q in DECISION_BIAS]
     splits += [{"split": "dirichlet", "alpha": a} for a in DECISION_ALPHA]
     return [

@@ -561,3 +561,24 @@ def test_mask_steps_run_on_meta_tensors():
     assert sm.binarize(blocked).device.type == "meta"
     assert kernels.resolve_block(None, torch.device("meta"), d) == d  # one whole block off the CPU
     assert kernels.resolve_block(None, torch.device("cpu"), d) == kernels.CPU_BLOCK
+
+
+def test_mask_geometry_records_what_recomputes_the_decision(problem):
+    """With record_geometry the stats hold the PCA points, the 2-component fit and per-mask bit
+    shares that agree with the masks themselves; the decision can be recomputed from them."""
+    agg = sm.skymask(problem["updates"], **_rule_args(problem), steps=TINY_STEPS, return_masks=True,
+                     record_geometry=True)
+    geometry, masks = agg.stats["geometry"], agg.info["masks"]
+    json.dumps(agg.stats, allow_nan=False)
+    k = masks.shape[0]
+    assert len(geometry["points"]) == len(geometry["labels"]) == len(geometry["root_hamming"]) == k
+    hamming = (masks != masks[-1]).double().mean(dim=1)
+    assert geometry["root_hamming"][-1] == 0.0
+    torch.testing.assert_close(torch.tensor(geometry["root_hamming"], dtype=torch.float64), hamming, atol=1e-5, rtol=0)
+    torch.testing.assert_close(torch.tensor(geometry["ones"], dtype=torch.float64), masks.double().mean(dim=1),
+                               atol=1e-5, rtol=0)
+    d = sm.ashman_d(np.array(geometry["means"]), np.array(geometry["covariances"]))
+    assert d == pytest.approx(agg.stats["ashman_d"], rel=1e-3)
+    root = geometry["labels"][-1]
+    kept = [i for i, label in enumerate(geometry["labels"][:-1]) if label == root]
+    assert agg.stats["num_clusters"] == 1 or kept == agg.kept.tolist()

@@ -12,6 +12,7 @@ def test_decision_study_covers_its_grid_once():
     for config in configs:
         config.validate()
         assert config.defense == "skymask" and config.rounds == 5
+        assert config.defense_options == {"record_geometry": True}
         assert (config.num_malicious == 0) == (config.attack == "none")
     splits = {(c.split, c.bias if c.split == "bias" else c.alpha) for c in configs}
     assert splits == {("bias", q) for q in DECISION_BIAS} | {("dirichlet", a) for a in DECISION_ALPHA}
