@@ -69,9 +69,13 @@ def execute_notebook(path: Path) -> None:
         matplotlib.pyplot.close("all")
 
 
-def run_notebooks(timeout: float, pattern: str) -> dict:
-    """Every chapter in a subprocess of its own, four at a time; seconds and the error's last lines."""
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "MPLBACKEND": "Agg", "PYTHONHASHSEED": "0"}
+SIDE_THREADS = "2"  # torch threads of each process that runs beside others (notebooks, study workers)
+
+
+def run_notebooks(timeout: float, pattern: str, at_once: int) -> dict:
+    """Every chapter in a subprocess of its own, ``at_once`` at a time; seconds and the error's last lines."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "MPLBACKEND": "Agg", "PYTHONHASHSEED": "0",
+           "OMP_NUM_THREADS": SIDE_THREADS}
 
     def one(path: Path) -> tuple[str, dict]:
         start = time.perf_counter()
@@ -84,7 +88,7 @@ def run_notebooks(timeout: float, pattern: str) -> dict:
             status, tail = "timeout", [f"stopped after {timeout:.0f} s"]
         return path.name, {"status": status, "seconds": round(time.perf_counter() - start, 1), "error": tail}
 
-    with ThreadPoolExecutor(4) as pool:
+    with ThreadPoolExecutor(at_once) as pool:
         return dict(pool.map(one, sorted(BOOK.glob(pattern))))
 
 
@@ -176,7 +180,7 @@ def engine_agreement(device: str) -> dict:
 def start_study(name: str, folder: Path, workers: int, deadline: float) -> list[subprocess.Popen]:
     """Study ``name`` (:mod:`skymask_lite.studies`) in ``workers`` processes, each taking every
     ``workers``-th config, each stopped after ``deadline`` seconds (finished runs stay)."""
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": SIDE_THREADS}
     code = ("import sys; from skymask_lite.studies import study_configs; from skymask_lite.experiments import run_grid; "
             "c = study_configs(sys.argv[1]); run_grid(c[int(sys.argv[3])::int(sys.argv[4])], sys.argv[2], progress=False)")
     return [subprocess.Popen(["timeout", str(int(deadline)), sys.executable, "-c", code, name, str(folder), str(i),
@@ -204,6 +208,9 @@ def main() -> None:
     parser.add_argument("--study", help="also run this study of skymask_lite.studies, packed as <out-dir>/<study>.tar.gz")
     parser.add_argument("--study-workers", type=int, default=2)
     parser.add_argument("--study-deadline", type=float, default=300, help="seconds the study may run")
+    parser.add_argument("--benchmark-timeout", type=float, default=270, help="seconds benchmarks/run.py may take")
+    parser.add_argument("--notebook-timeout", type=float, default=240, help="seconds a chapter may take")
+    parser.add_argument("--matrix-budget", type=float, default=150, help="seconds for the attack x defense pairs")
     parser.add_argument("--commit", help="the commit checked, where the copy has no git history")
     parser.add_argument("--execute-notebook", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -224,16 +231,30 @@ def main() -> None:
         bench = [sys.executable, str(ROOT / "benchmarks" / "run.py"), "--device", args.device, "--rounds", "2",
                  "--out", str(args.out_dir)] + (["--quick"] if args.quick else [])
         t0 = time.perf_counter()
-        proc = subprocess.run(bench, cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)}, capture_output=True, text=True)
-        report["benchmark"] = {"returncode": proc.returncode, "seconds": round(time.perf_counter() - t0, 1),
-                               "error": proc.stderr.strip().splitlines()[-8:] if proc.returncode else []}
-        print(f"[gpu_check] benchmark: {report['benchmark']['seconds']} s, rc {proc.returncode}", flush=True)
+        try:
+            proc = subprocess.run(bench, cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)}, capture_output=True,
+                                  text=True, timeout=args.benchmark_timeout)
+            code, error = proc.returncode, proc.stderr.strip().splitlines()[-8:] if proc.returncode else []
+        except subprocess.TimeoutExpired:
+            code, error = None, [f"stopped after {args.benchmark_timeout:.0f} s"]
+        report["benchmark"] = {"returncode": code, "seconds": round(time.perf_counter() - t0, 1), "error": error}
+        print(f"[gpu_check] benchmark: {report['benchmark']['seconds']} s, rc {code}", flush=True)
     study = start_study(args.study, args.out_dir / args.study, args.study_workers, args.study_deadline) if args.study else []
+    out_json = args.out_dir / ("gpu_check_quick.json" if args.quick else "gpu_check.json")
+
+    def save() -> None:  # after every part, so that a run stopped from outside still leaves its report
+        out_json.write_text(json.dumps(report, indent=1))
+
+    save()
     with ThreadPoolExecutor(1) as pool:
-        notebooks = pool.submit(run_notebooks, 600 if args.quick else 300, args.chapters)
-        report["matrix"] = _guarded("matrix", attack_defense_matrix, args.device, args.quick, 150 if args.quick else 200)
+        notebooks = pool.submit(run_notebooks, 600 if args.quick else args.notebook_timeout, args.chapters,
+                                2 if args.quick else 8)
         report["recompute"] = _guarded("recompute", recompute_check, args.device)
+        save()
         report["engine_agreement"] = _guarded("engines", engine_agreement, args.device)
+        save()
+        report["matrix"] = _guarded("matrix", attack_defense_matrix, args.device, args.quick, args.matrix_budget)
+        save()
         report["notebooks"] = notebooks.result()
     for proc in study:
         proc.wait()
@@ -245,7 +266,7 @@ def main() -> None:
         subprocess.run(["rm", "-rf", str(folder)], check=True)
     report["seconds"] = round(time.perf_counter() - start, 1)
     report["acceptance"] = acceptance(report, args.out_dir / f"benchmark_{'quick' if args.quick else args.device.split(':')[0]}.json")
-    (args.out_dir / ("gpu_check_quick.json" if args.quick else "gpu_check.json")).write_text(json.dumps(report, indent=1))
+    save()
     print(json.dumps(report["acceptance"], indent=1))
 
 
