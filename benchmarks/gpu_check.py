@@ -49,13 +49,24 @@ ROOT = Path(__file__).resolve().parent.parent
 BOOK = ROOT / "book"
 
 
+def _display():
+    """Jupyter's ``display`` (IPython's where installed, else one that prints the object's repr)."""
+    try:
+        from IPython.display import display
+    except ImportError:
+        def display(*objects, **_):
+            for obj in objects:
+                print(repr(obj))
+    return display
+
+
 def execute_notebook(path: Path) -> None:
     """Run a notebook's code cells in order in this process (called in a fresh process)."""
     import matplotlib
 
     matplotlib.use("Agg")
     cells = json.loads(path.read_text())["cells"]
-    namespace: dict = {"__name__": "__main__"}
+    namespace: dict = {"__name__": "__main__", "display": _display()}
     for number, cell in enumerate(cells):
         if cell["cell_type"] != "code" or "nbval-skip" in cell.get("metadata", {}).get("tags", []):
             continue
@@ -205,8 +216,10 @@ def main() -> None:
     parser.add_argument("--out-dir", type=Path, default=ROOT / "benchmarks" / "results")
     parser.add_argument("--skip-benchmark", action="store_true")
     parser.add_argument("--chapters", default="*.ipynb", help="glob of the notebooks under book/ to execute")
-    parser.add_argument("--study", help="also run this study of skymask_lite.studies, packed as <out-dir>/<study>.tar.gz")
-    parser.add_argument("--study-workers", type=int, default=2)
+    parser.add_argument("--study", nargs="*", default=[],
+                        help="also run these studies of skymask_lite.studies, each packed as <out-dir>/<study>.tar.gz")
+    parser.add_argument("--study-workers", type=int, nargs="*", default=[2], help="processes per study")
+    parser.add_argument("--skip-checks", action="store_true", help="no matrix, RECOMPUTE or engine checks")
     parser.add_argument("--study-deadline", type=float, default=300, help="seconds the study may run")
     parser.add_argument("--benchmark-timeout", type=float, default=270, help="seconds benchmarks/run.py may take")
     parser.add_argument("--notebook-timeout", type=float, default=240, help="seconds a chapter may take")
@@ -239,7 +252,8 @@ def main() -> None:
             code, error = None, [f"stopped after {args.benchmark_timeout:.0f} s"]
         report["benchmark"] = {"returncode": code, "seconds": round(time.perf_counter() - t0, 1), "error": error}
         print(f"[gpu_check] benchmark: {report['benchmark']['seconds']} s, rc {code}", flush=True)
-    study = start_study(args.study, args.out_dir / args.study, args.study_workers, args.study_deadline) if args.study else []
+    study = [proc for name, workers in zip(args.study, args.study_workers)
+             for proc in start_study(name, args.out_dir / name, workers, args.study_deadline)]
     out_json = args.out_dir / ("gpu_check_quick.json" if args.quick else "gpu_check.json")
 
     def save() -> None:  # after every part, so that a run stopped from outside still leaves its report
@@ -249,21 +263,22 @@ def main() -> None:
     with ThreadPoolExecutor(1) as pool:
         notebooks = pool.submit(run_notebooks, 600 if args.quick else args.notebook_timeout, args.chapters,
                                 2 if args.quick else 8)
-        report["recompute"] = _guarded("recompute", recompute_check, args.device)
-        save()
-        report["engine_agreement"] = _guarded("engines", engine_agreement, args.device)
-        save()
-        report["matrix"] = _guarded("matrix", attack_defense_matrix, args.device, args.quick, args.matrix_budget)
-        save()
+        if not args.skip_checks:
+            report["recompute"] = _guarded("recompute", recompute_check, args.device)
+            save()
+            report["engine_agreement"] = _guarded("engines", engine_agreement, args.device)
+            save()
+            report["matrix"] = _guarded("matrix", attack_defense_matrix, args.device, args.quick, args.matrix_budget)
+            save()
         report["notebooks"] = notebooks.result()
     for proc in study:
         proc.wait()
-    if study:
-        folder = args.out_dir / args.study
-        report["study"] = {"name": args.study, "finished_runs": len(list(folder.glob("*.json"))),
-                           "returncodes": [p.returncode for p in study]}
-        subprocess.run(["tar", "czf", f"{args.study}.tar.gz", args.study], cwd=args.out_dir, check=True)
+    for name in args.study:
+        folder = args.out_dir / name
+        report.setdefault("studies", {})[name] = {"finished_runs": len(list(folder.glob("*.json")))}
+        subprocess.run(["tar", "czf", f"{name}.tar.gz", name], cwd=args.out_dir, check=True)
         subprocess.run(["rm", "-rf", str(folder)], check=True)
+    report["study_returncodes"] = [p.returncode for p in study]
     report["seconds"] = round(time.perf_counter() - start, 1)
     report["acceptance"] = acceptance(report, args.out_dir / f"benchmark_{'quick' if args.quick else args.device.split(':')[0]}.json")
     save()
@@ -273,6 +288,8 @@ def main() -> None:
 def acceptance(report: dict, benchmark_path: Path) -> dict:
     """The four acceptance checks of the GPU issue, from the report and the benchmark JSON."""
     matrix = report.get("matrix", {})
+    if "benchmark" not in report:
+        benchmark_path = Path("/nonexistent")
     failures = sorted(k for k, v in matrix.items() if isinstance(v, dict) and v.get("status") == "failed")
     out = {
         "chapters_ok": sorted(k for k, v in report["notebooks"].items() if v["status"] == "ok"),

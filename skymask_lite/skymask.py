@@ -26,12 +26,21 @@ training never writes to them.
 
 1 vs 2 clusters (the paper: without attack the masks form one cluster and nobody is removed).
 BIC alone does not work: honest non-IID label groups are visible in mask space, and BIC then
-prefers two components without any attack. Default (``criterion="ashman"``): two clusters only
-if BIC prefers two components AND Ashman's D of the two components along the line of their
-means exceeds 8. D is dimensionless, so it does not depend on the scale of the PCA
-coordinates; 8 is a calibration constant (chapter 5 shows D with and without attack).
-``"bic_margin"`` (relative BIC margin, depends on the coordinates' units), ``"bic"`` and
-``"always"`` (the authors' code) are there for comparison.
+prefers two components without any attack. Default (``criterion="collapse_or_ashman"``): two
+clusters only if BIC prefers two components, the non-root component of the 2-component fit
+holds at least two clients, and that component is either
+
+* collapsed: its robust spread (median distance to its median point) is below
+  ``COLLAPSE_RATIO = 0.1`` times the root component's. Colluding attackers (Min-Max, Fang, LIE)
+  send one crafted update, so their masks coincide; honest clients' data differ, so do their
+  masks; or
+* apart: Ashman's D of the two components along the line of their means exceeds 8 (D is
+  dimensionless, independent of the scale of the PCA coordinates).
+
+``"ashman"`` (the earlier rule: BIC and D > 8 alone) misses LIE under strong label skew and
+splits off single honest outliers; the chapter "Is there an attack?" measures both rules on
+``data/results/decision/``. ``"bic_margin"`` (relative BIC margin, depends on the
+coordinates' units), ``"bic"`` and ``"always"`` (the authors' code) are there for comparison.
 
 How this differs from the authors' code:
 
@@ -81,6 +90,7 @@ __all__ = [
     "DEFAULT_THRESHOLD",
     "MIN_KEPT_SHARE",
     "NORM_RATIO_RANGE",
+    "COLLAPSE_RATIO",
     "ashman_d",
     "average_kept",
     "binarize",
@@ -89,6 +99,7 @@ __all__ = [
     "mask_geometry",
     "masked_logits",
     "masked_weights",
+    "robust_spread",
     "pca_2d",
     "skymask",
     "stack_models",
@@ -101,8 +112,13 @@ DEFAULT_LR = {"clipped_sgd": 1e7, "sign_sgd": 1.0, "adam": 0.1}
 clamping every gradient element to ``[-grad_clip, grad_clip]`` (lr 1e7, clip 1e-7: at most one
 logit per step; they use lr 1e8 for ResNet20)."""
 
-DEFAULT_THRESHOLD = {"ashman": 8.0, "bic_margin": 0.2, "bic": None, "always": None}
+DEFAULT_THRESHOLD = {"collapse_or_ashman": 8.0, "ashman": 8.0, "bic_margin": 0.2, "bic": None, "always": None}
 """1-vs-2-cluster criteria and their default thresholds (see the module docstring)."""
+
+COLLAPSE_RATIO = 0.1
+"""``"collapse_or_ashman"``: the other component counts as collapsed when its robust spread is
+below this share of the root component's (see :func:`robust_spread`); calibrated on seed 0 of
+the decision study (``data/results/decision/``, chapter "Is there an attack?")."""
 
 NORM_RATIO_RANGE = (0.1, 10.0)
 """The range of ``||g0|| / median_i ||U_i||`` outside which the round's statistics get a warning.
@@ -320,12 +336,26 @@ def ashman_d(means: np.ndarray, covariances: np.ndarray) -> float:
     return math.sqrt(2.0) * gap / math.sqrt(spread)
 
 
-def _two_clusters(criterion: str, threshold: float | None, bic: dict[int, float], d: float, margin: float) -> bool:
+def robust_spread(points: np.ndarray) -> float:
+    """The median distance of ``points`` ``[m, 2]`` to their coordinate-wise median (0 for one point):
+    a spread that a single far-away member cannot inflate."""
+    if len(points) == 0:
+        return math.nan
+    return float(np.median(np.linalg.norm(points - np.median(points, axis=0), axis=1)))
+
+
+def _two_clusters(
+    criterion: str, threshold: float | None, bic: dict[int, float], d: float, margin: float,
+    other_size: int, spread_ratio: float,
+) -> bool:
     """Apply the 1-vs-2 criterion (see the module docstring)."""
     if criterion == "always":
         return True
     if criterion == "bic_margin":
         return margin > threshold
+    if criterion == "collapse_or_ashman":  # a cluster is >= 2 clients: tight (colluding) or far apart
+        collapsed = spread_ratio < COLLAPSE_RATIO
+        return bic[2] < bic[1] and other_size >= 2 and (collapsed or d > threshold)
     return bic[2] < bic[1] and (criterion == "bic" or d > threshold)
 
 
@@ -354,7 +384,7 @@ def cluster_masks(
     *,
     root_index: int = -1,
     seed: int = 0,
-    criterion: str = "ashman",
+    criterion: str = "collapse_or_ashman",
     threshold: float | None = None,
     n_init: int = 3,
 ) -> tuple[torch.Tensor, dict[str, Any]]:
@@ -367,7 +397,10 @@ def cluster_masks(
     Args:
         binary_masks: ``[k, d]`` bool/0-1 masks, one of them the root's.
         root_index: the root's row (default: last).
-        criterion: "ashman" (BIC prefers 2 and Ashman's D > threshold, default 8),
+        criterion: "collapse_or_ashman" (the default: BIC prefers 2, the other component of the
+            2-component fit holds at least 2 clients, and it is either collapsed, its
+            :func:`robust_spread` below :data:`COLLAPSE_RATIO` times the root component's, or
+            apart, Ashman's D > threshold, default 8), "ashman" (BIC prefers 2 and D > threshold),
             "bic_margin" (``(BIC1 - BIC2) / |BIC1| > threshold``, default 0.2), "bic" (BIC prefers 2)
             or "always" (two clusters, as in the authors' code).
         threshold: overrides the criterion's default (:data:`DEFAULT_THRESHOLD`).
@@ -377,7 +410,9 @@ def cluster_masks(
         (client indices ``0..k-2`` when the root is last), on the masks' device. ``info`` holds
         ``points`` ``[k, 2]``; ``labels``, ``means``, ``covariances`` of the chosen mixture;
         ``fit2`` (the same for the 2-component mixture); ``bic`` ``{1: ., 2: .}``; ``ashman_d``;
-        ``relative_bic_margin``; ``num_clusters``; ``root_label``; ``criterion``; ``threshold``.
+        ``relative_bic_margin``; ``other_size`` and ``spread_ratio`` (the 2-component fit's
+        non-root component: its number of clients and robust spread over the root component's);
+        ``num_clusters``; ``root_label``; ``criterion``; ``threshold``.
     """
     if criterion not in DEFAULT_THRESHOLD:
         raise ValueError(f"unknown criterion {criterion!r}; choose one of {sorted(DEFAULT_THRESHOLD)}")
@@ -390,7 +425,11 @@ def cluster_masks(
     bic = {c: float(fits[c].bic(xy)) for c in (1, 2)}
     margin = (bic[1] - bic[2]) / abs(bic[1]) if bic[1] != 0 else math.inf
     d = ashman_d(fits[2].means_, fits[2].covariances_)
-    num_clusters = 2 if _two_clusters(criterion, threshold, bic, d, margin) else 1
+    split = fits[2].predict(xy)  # the 2-component partition
+    inside = split == split[root]
+    other_size = int((~inside).sum())  # the root is in its own component
+    ratio = robust_spread(xy[~inside]) / max(robust_spread(xy[inside]), 1e-300) if other_size else math.inf
+    num_clusters = 2 if _two_clusters(criterion, threshold, bic, d, margin, other_size, ratio) else 1
     chosen = _mixture_info(fits[num_clusters], xy)
     root_label = int(chosen["labels"][root])
     same = chosen["labels"] == root_label
@@ -402,6 +441,8 @@ def cluster_masks(
         "bic": bic,
         "ashman_d": d,
         "relative_bic_margin": margin,
+        "other_size": other_size,
+        "spread_ratio": ratio,
         "num_clusters": num_clusters,
         "root_label": root_label,
         "criterion": criterion,
@@ -455,6 +496,8 @@ def decision_stats(
         "bic_1": _finite(info["bic"][1]),
         "bic_2": _finite(info["bic"][2]),
         "root_cluster_size": int(len(kept)),
+        "other_size": int(info["other_size"]),
+        "spread_ratio": _finite(info["spread_ratio"]),
         "root_norm_ratio": ratio,
         "criterion": info["criterion"],
         "threshold": None if threshold is None else float(threshold),
@@ -503,7 +546,7 @@ def skymask(
     grad_clip: float | None = 1e-7,
     patience: int = 10,
     min_delta: float = 1e-2,
-    criterion: str = "ashman",
+    criterion: str = "collapse_or_ashman",
     threshold: float | None = None,
     n_init: int = 3,
     return_masks: bool = False,

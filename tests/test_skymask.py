@@ -447,7 +447,8 @@ def test_cluster_masks_root_alone_gives_no_benign_client():
 
 def test_skymask_empty_root_cluster_gives_zero_update(problem, monkeypatch):
     nobody = torch.empty(0, dtype=torch.long)
-    info = {"num_clusters": 2, "ashman_d": 20.0, "bic": {1: 3.0, 2: 1.0}, "criterion": "ashman", "threshold": 8.0}
+    info = {"num_clusters": 2, "ashman_d": 20.0, "bic": {1: 3.0, 2: 1.0}, "criterion": "ashman", "threshold": 8.0,
+            "other_size": 11, "spread_ratio": 1.0}
     monkeypatch.setattr(sm, "cluster_masks", lambda masks, **kw: (nobody, dict(info)))
     agg = sm.skymask(problem["updates"], **_rule_args(problem))
     assert agg.kept.numel() == 0 and torch.equal(agg.update, torch.zeros_like(problem["updates"][0]))
@@ -483,7 +484,8 @@ def _norm_rows(n: int = 10, d: int = 6) -> torch.Tensor:
     return rows
 
 
-_INFO = {"num_clusters": 2, "ashman_d": 12.5, "bic": {1: 40.0, 2: 10.0}, "criterion": "ashman", "threshold": 8.0}
+_INFO = {"num_clusters": 2, "ashman_d": 12.5, "bic": {1: 40.0, 2: 10.0}, "criterion": "ashman", "threshold": 8.0,
+         "other_size": 20, "spread_ratio": 0.5}
 
 
 @pytest.mark.parametrize(
@@ -582,3 +584,56 @@ def test_mask_geometry_records_what_recomputes_the_decision(problem):
     root = geometry["labels"][-1]
     kept = [i for i, label in enumerate(geometry["labels"][:-1]) if label == root]
     assert agg.stats["num_clusters"] == 1 or kept == agg.kept.tolist()
+
+
+def _clusters(centre, spread, count, gen):
+    return centre + spread * torch.randn(count, 2, generator=gen, dtype=torch.float64)
+
+
+def test_robust_spread_ignores_one_far_member():
+    gen = torch.Generator().manual_seed(0)
+    tight = np.zeros((20, 2))
+    assert sm.robust_spread(tight) == 0.0
+    assert sm.robust_spread(np.vstack([tight, [[50.0, 50.0]]])) == 0.0  # the median is not moved
+    cloud = _clusters(torch.zeros(2), 1.0, 200, gen).numpy()
+    assert 0.8 < sm.robust_spread(cloud) < 1.6  # median of a 2-D Rayleigh(1) is 1.18
+
+
+@pytest.mark.parametrize("criterion", ["collapse_or_ashman", "ashman"])
+def test_collapsed_colluders_are_a_cluster_even_close_by(criterion, monkeypatch):
+    """20 identical (colluding) points close to an honest cloud of 80 and the root: D stays
+    below 8, yet the new rule splits them off; the old rule keeps them."""
+    gen = torch.Generator().manual_seed(1)
+    honest = _clusters(torch.zeros(2), 1.0, 80, gen)
+    colluders = torch.tensor([[3.0, 0.0]], dtype=torch.float64).expand(20, 2)
+    points = torch.cat([colluders, honest, torch.zeros(1, 2, dtype=torch.float64)])  # root last, in the cloud
+    monkeypatch.setattr(sm, "pca_2d", lambda masks: points)
+    benign, info = sm.cluster_masks(torch.zeros(101, 3, dtype=torch.bool), criterion=criterion)
+    assert info["ashman_d"] < 8 and info["other_size"] == 20 and info["spread_ratio"] < sm.COLLAPSE_RATIO
+    if criterion == "collapse_or_ashman":
+        assert info["num_clusters"] == 2 and benign.tolist() == list(range(20, 100))
+    else:
+        assert info["num_clusters"] == 1 and len(benign) == 100
+
+
+def test_a_single_outlier_is_not_a_cluster(monkeypatch):
+    """One honest client far from the rest: D is large, but a cluster needs two clients."""
+    gen = torch.Generator().manual_seed(2)
+    points = torch.cat([torch.tensor([[40.0, 40.0]], dtype=torch.float64), _clusters(torch.zeros(2), 1.0, 99, gen),
+                        torch.zeros(1, 2, dtype=torch.float64)])
+    monkeypatch.setattr(sm, "pca_2d", lambda masks: points)
+    benign, info = sm.cluster_masks(torch.zeros(101, 3, dtype=torch.bool))
+    old, _ = sm.cluster_masks(torch.zeros(101, 3, dtype=torch.bool), criterion="ashman")
+    assert info["other_size"] == 1 and info["num_clusters"] == 1 and len(benign) == 100
+    assert len(old) == 99  # the earlier rule drops the outlier
+
+
+def test_two_honest_groups_stay_one_cluster(monkeypatch):
+    """Two spread-out honest groups (non-IID labels): neither collapsed nor far apart."""
+    gen = torch.Generator().manual_seed(3)
+    points = torch.cat([_clusters(torch.tensor([0.0, 0.0]), 1.0, 50, gen),
+                        _clusters(torch.tensor([4.0, 0.0]), 1.0, 50, gen), torch.zeros(1, 2, dtype=torch.float64)])
+    monkeypatch.setattr(sm, "pca_2d", lambda masks: points)
+    benign, info = sm.cluster_masks(torch.zeros(101, 3, dtype=torch.bool))
+    assert info["bic"][2] < info["bic"][1] and info["ashman_d"] < 8 and info["spread_ratio"] > sm.COLLAPSE_RATIO
+    assert info["num_clusters"] == 1 and len(benign) == 100

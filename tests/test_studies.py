@@ -27,3 +27,12 @@ def test_unknown_study_names_the_choices():
 def test_study_command_checks_its_folder_before_any_run(capsys):
     assert main(["study", "decision", "--out-dir", "/proc/skymask-nope"]) == 2
     assert "--out-dir" in capsys.readouterr().err
+
+
+def test_skymask_study_names_the_committed_files():
+    """The study recomputes exactly the committed skymask/ runs (same run identity, same file)."""
+    from pathlib import Path
+
+    folder = Path(__file__).resolve().parent.parent / "data" / "results" / "skymask"
+    names = {f"{run_name(c)}.json" for c in study_configs("skymask")}
+    assert names == {p.name for p in folder.glob("*.json")}
