@@ -14,7 +14,7 @@ from typing import Callable
 
 from .experiments import Config
 
-__all__ = ["STUDIES", "decision_study", "skymask_study", "study_configs"]
+__all__ = ["STUDIES", "decision_ashman_study", "decision_study", "skymask_study", "study_configs"]
 
 DECISION_BIAS = (0.1, 0.3, 0.5, 0.7, 0.8, 0.9)
 DECISION_ALPHA = (0.1, 0.3, 1.0)
@@ -41,6 +41,15 @@ def decision_study(rounds: int = 5, seeds: tuple[int, ...] = (0, 1, 2)) -> list[
     ]
 
 
+def decision_ashman_study() -> list[Config]:
+    """The decision study under the earlier 1-vs-2 rule, ``criterion="ashman"`` (BIC and Ashman's
+    D > 8 alone), for the chapter's comparison of the two rules."""
+    return [
+        dataclasses.replace(c, defense_options={**c.defense_options, "criterion": "ashman"})
+        for c in decision_study()
+    ]
+
+
 def skymask_study() -> list[Config]:
     """SkyMask under every attack of chapter 5's table (``data/results/skymask/``): 100 clients,
     20 of them malicious, 20 rounds, seed 0."""
@@ -49,7 +58,11 @@ def skymask_study() -> list[Config]:
     return [dataclasses.replace(base, attack=attack) for attack in attacks]
 
 
-STUDIES: dict[str, Callable[[], list[Config]]] = {"decision": decision_study, "skymask": skymask_study}
+STUDIES: dict[str, Callable[[], list[Config]]] = {
+    "decision": decision_study,
+    "decision_ashman": decision_ashman_study,
+    "skymask": skymask_study,
+}
 """Study name -> its configs (each study's folder is ``data/results/<name>/``)."""
 
 
