@@ -1,0 +1,94 @@
+"""Reading the studies back: one table row per round of SkyMask, and any 1-vs-2 rule recomputed
+from what a round recorded.
+
+Every round of a study run with ``record_geometry`` (:func:`~skymask_lite.skymask.mask_geometry`)
+holds the masks' 2-D PCA points, the 2-component mixture's partition, means and covariances.
+:func:`geometry_statistics` derives from them every statistic a 1-vs-2 rule reads (BIC is
+recorded by the rule itself), and :func:`decide` applies a criterion to them with the same code
+as :func:`~skymask_lite.skymask.cluster_masks`. A rule recomputed this way on a round decides as
+SkyMask with that rule would have decided on the same masks; later rounds also depend on the
+earlier decisions, which is why the chapter recomputes the study with the rule it adopts.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from .skymask import DEFAULT_THRESHOLD, _two_clusters, ashman_d, robust_spread
+
+__all__ = ["decide", "decision_rounds", "geometry_statistics", "setting_label"]
+
+
+def setting_label(config: dict[str, Any]) -> str:
+    """``"q=0.5"`` for the bias split, ``"α=0.3"`` for the Dirichlet split."""
+    return f"q={config['bias']}" if config["split"] == "bias" else f"α={config['alpha']}"
+
+
+def geometry_statistics(geometry: dict[str, Any], malicious: list[int]) -> dict[str, Any]:
+    """What the 2-component partition says, from a round's recorded geometry.
+
+    ``ashman_d`` of the two components; ``other_size``, the clients outside the root's component;
+    ``spread_ratio``, the :func:`~skymask_lite.skymask.robust_spread` of that component over the
+    root's (root included); and, were two clusters chosen, the partition's ``fpr_if_two`` (honest
+    clients outside the root's component) and ``fnr_if_two`` (attackers inside it; ``None``
+    without attackers).
+    """
+    points, labels = np.asarray(geometry["points"]), np.asarray(geometry["labels"])
+    n = len(labels) - 1  # the root is the last row
+    inside = labels == labels[-1]
+    other = np.flatnonzero(~inside)
+    ratio = robust_spread(points[~inside]) / max(robust_spread(points[inside]), 1e-300) if len(other) else math.inf
+    bad = set(malicious)
+    honest = n - len(bad)
+    return {
+        "ashman_d": ashman_d(np.asarray(geometry["means"]), np.asarray(geometry["covariances"])),
+        "other_size": int(len(other)),
+        "spread_ratio": ratio,
+        "fpr_if_two": sum(1 for i in other if i not in bad) / honest if honest else None,
+        "fnr_if_two": sum(1 for i in bad if inside[i]) / len(bad) if bad else None,
+    }
+
+
+def decide(stats: dict[str, Any], bic_1: float, bic_2: float, criterion: str = "collapse_or_ashman",
+           threshold: float | None = None) -> int:
+    """The number of clusters ``criterion`` chooses for a round's statistics (1 or 2)."""
+    threshold = DEFAULT_THRESHOLD[criterion] if threshold is None else threshold
+    bic = {1: bic_1, 2: bic_2}
+    margin = (bic_1 - bic_2) / abs(bic_1) if bic_1 != 0 else math.inf
+    two = _two_clusters(criterion, threshold, bic, stats["ashman_d"], margin, stats["other_size"],
+                        stats["spread_ratio"])
+    return 2 if two else 1
+
+
+def decision_rounds(folder: str | Path) -> pd.DataFrame:
+    """One row per recorded round of every results file in ``folder``: the setting, attack, seed
+    and round, what SkyMask decided and measured (``num_clusters``, ``fpr``, ``fnr``, BIC), the
+    :func:`geometry_statistics` of the round, and the rule the run used (``criterion``)."""
+    rows = []
+    for path in sorted(Path(folder).glob("*.json")):
+        result = json.loads(path.read_text())
+        config = result["config"]
+        for record in result["rounds"]:
+            info = record["defense_info"]
+            rows.append({
+                "setting": setting_label(config),
+                "split": config["split"],
+                "attack": config["attack"],
+                "seed": config["seed"],
+                "round": record["round"],
+                "criterion": info["criterion"],
+                "num_clusters": info["num_clusters"],
+                "fpr": record["fpr"],
+                "fnr": record["fnr"],
+                "bic_1": info["bic_1"],
+                "bic_2": info["bic_2"],
+                **geometry_statistics(info["geometry"], result["malicious"]),
+            })
+    return pd.DataFrame(rows)
+
