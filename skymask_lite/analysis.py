@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from .skymask import DEFAULT_THRESHOLD, _two_clusters, ashman_d, robust_spread
+from .skymask import COLLAPSE_RATIO, DEFAULT_THRESHOLD, _two_clusters, ashman_d, collapsed_strays, robust_spread
 
 __all__ = ["decide", "decision_rounds", "geometry_statistics", "setting_label"]
 
@@ -37,19 +37,27 @@ def geometry_statistics(geometry: dict[str, Any], malicious: list[int]) -> dict[
     ``spread_ratio``, the :func:`~skymask_lite.skymask.robust_spread` of that component over the
     root's (root included); and, were two clusters chosen, the partition's ``fpr_if_two`` (honest
     clients outside the root's component) and ``fnr_if_two`` (attackers inside it; ``None``
-    without attackers).
+    without attackers); for a collapsed component (``spread_ratio`` below ``COLLAPSE_RATIO``) the
+    partition keeps its ``strays`` (:func:`~skymask_lite.skymask.collapsed_strays`), as
+    ``collapse_or_ashman`` does.
     """
     points, labels = np.asarray(geometry["points"]), np.asarray(geometry["labels"])
     n = len(labels) - 1  # the root is the last row
     inside = labels == labels[-1]
+    other_size = int((~inside).sum())  # the mixture's other component (the root is inside)
     other = np.flatnonzero(~inside)
     ratio = robust_spread(points[~inside]) / max(robust_spread(points[inside]), 1e-300) if len(other) else math.inf
+    strays = collapsed_strays(points, inside) if ratio < COLLAPSE_RATIO else np.array([], dtype=int)
+    inside = inside.copy()
+    inside[strays] = True
+    other = np.flatnonzero(~inside[:n])
     bad = set(malicious)
     honest = n - len(bad)
     return {
         "ashman_d": ashman_d(np.asarray(geometry["means"]), np.asarray(geometry["covariances"])),
-        "other_size": int(len(other)),
+        "other_size": other_size,
         "spread_ratio": ratio,
+        "strays": int(len(strays)),
         "fpr_if_two": sum(1 for i in other if i not in bad) / honest if honest else None,
         "fnr_if_two": sum(1 for i in bad if inside[i]) / len(bad) if bad else None,
     }

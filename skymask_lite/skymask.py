@@ -33,7 +33,8 @@ holds at least two clients, and that component is either
 * collapsed: its robust spread (median distance to its median point) is below
   ``COLLAPSE_RATIO = 0.1`` times the root component's. Colluding attackers (Min-Max, Fang, LIE)
   send one crafted update, so their masks coincide; honest clients' data differ, so do their
-  masks; or
+  masks. The cluster then is its core, the clients within ``CORE_RADIUS = 0.5`` root spreads of
+  its median point: an honest client the mixture attached to it from farther away is kept; or
 * apart: Ashman's D of the two components along the line of their means exceeds 8 (D is
   dimensionless, independent of the scale of the PCA coordinates).
 
@@ -91,10 +92,12 @@ __all__ = [
     "MIN_KEPT_SHARE",
     "NORM_RATIO_RANGE",
     "COLLAPSE_RATIO",
+    "CORE_RADIUS",
     "ashman_d",
     "average_kept",
     "binarize",
     "cluster_masks",
+    "collapsed_strays",
     "decision_stats",
     "mask_geometry",
     "masked_logits",
@@ -119,6 +122,11 @@ COLLAPSE_RATIO = 0.1
 """``"collapse_or_ashman"``: the other component counts as collapsed when its robust spread is
 below this share of the root component's (see :func:`robust_spread`); calibrated on seed 0 of
 the decision study (``data/results/decision/``, chapter "Is there an attack?")."""
+
+CORE_RADIUS = 0.5
+"""A collapsed cluster holds the clients within this many robust spreads of the root's
+component from its median point; a client of the same mixture component farther away is a
+stray the mixture merely attached to it, and is kept (chapter "Is there an attack?")."""
 
 NORM_RATIO_RANGE = (0.1, 10.0)
 """The range of ``||g0|| / median_i ||U_i||`` outside which the round's statistics get a warning.
@@ -344,6 +352,16 @@ def robust_spread(points: np.ndarray) -> float:
     return float(np.median(np.linalg.norm(points - np.median(points, axis=0), axis=1)))
 
 
+def collapsed_strays(points: np.ndarray, inside: np.ndarray) -> np.ndarray:
+    """The rows of the non-root component (``~inside``) farther than :data:`CORE_RADIUS` robust
+    spreads of the root's component from the non-root component's median point."""
+    other = np.flatnonzero(~inside)
+    if len(other) == 0:
+        return other
+    distance = np.linalg.norm(points[other] - np.median(points[other], axis=0), axis=1)
+    return other[distance > CORE_RADIUS * robust_spread(points[inside])]
+
+
 def _two_clusters(
     criterion: str, threshold: float | None, bic: dict[int, float], d: float, margin: float,
     other_size: int, spread_ratio: float,
@@ -412,6 +430,8 @@ def cluster_masks(
         ``fit2`` (the same for the 2-component mixture); ``bic`` ``{1: ., 2: .}``; ``ashman_d``;
         ``relative_bic_margin``; ``other_size`` and ``spread_ratio`` (the 2-component fit's
         non-root component: its number of clients and robust spread over the root component's);
+        ``strays`` (rows of a collapsed component farther than :data:`CORE_RADIUS` from its
+        core, kept as benign);
         ``num_clusters``; ``root_label``; ``criterion``; ``threshold``.
     """
     if criterion not in DEFAULT_THRESHOLD:
@@ -433,6 +453,10 @@ def cluster_masks(
     chosen = _mixture_info(fits[num_clusters], xy)
     root_label = int(chosen["labels"][root])
     same = chosen["labels"] == root_label
+    strays = []
+    if criterion == "collapse_or_ashman" and num_clusters == 2 and ratio < COLLAPSE_RATIO:
+        strays = collapsed_strays(xy, inside).tolist()
+        same[strays] = True
     benign = torch.nonzero(torch.cat([same[:root], same[root + 1 :]])).flatten().to(binary_masks.device)
     info = {
         "points": points,
@@ -443,6 +467,7 @@ def cluster_masks(
         "relative_bic_margin": margin,
         "other_size": other_size,
         "spread_ratio": ratio,
+        "strays": strays,
         "num_clusters": num_clusters,
         "root_label": root_label,
         "criterion": criterion,
@@ -498,6 +523,7 @@ def decision_stats(
         "root_cluster_size": int(len(kept)),
         "other_size": int(info["other_size"]),
         "spread_ratio": _finite(info["spread_ratio"]),
+        "strays": [int(i) for i in info.get("strays", [])],
         "root_norm_ratio": ratio,
         "criterion": info["criterion"],
         "threshold": None if threshold is None else float(threshold),

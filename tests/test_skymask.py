@@ -637,3 +637,18 @@ def test_two_honest_groups_stay_one_cluster(monkeypatch):
     benign, info = sm.cluster_masks(torch.zeros(101, 3, dtype=torch.bool))
     assert info["bic"][2] < info["bic"][1] and info["ashman_d"] < 8 and info["spread_ratio"] > sm.COLLAPSE_RATIO
     assert info["num_clusters"] == 1 and len(benign) == 100
+
+
+def test_a_stray_near_a_collapsed_cluster_is_kept(monkeypatch):
+    """20 coinciding attackers plus one honest client the mixture attaches to them from 2 root
+    spreads away: the cluster dropped is the attackers' core; the stray is kept."""
+    gen = torch.Generator().manual_seed(4)
+    honest = _clusters(torch.zeros(2), 1.0, 79, gen)
+    colluders = torch.tensor([[9.0, 0.0]], dtype=torch.float64).expand(20, 2)
+    stray = torch.tensor([[9.0, 2.5]], dtype=torch.float64)
+    points = torch.cat([colluders, stray, honest, torch.zeros(1, 2, dtype=torch.float64)])  # root last
+    monkeypatch.setattr(sm, "pca_2d", lambda masks: points)
+    benign, info = sm.cluster_masks(torch.zeros(101, 3, dtype=torch.bool))
+    assert info["num_clusters"] == 2 and info["spread_ratio"] < sm.COLLAPSE_RATIO
+    assert info["other_size"] == 21 and info["strays"] == [20]  # the mixture put the stray with them
+    assert benign.tolist() == list(range(20, 100))
