@@ -57,7 +57,7 @@ def overflowing(page: Path, browser: str) -> tuple[int, list[str]]:
 
 
 def main(argv: list[str]) -> int:
-    html = Path(argv[0] if argv else "_build/html")
+    html = Path(argv[0] if argv else "_build/html").resolve()  # file:// URIs need an absolute path
     browser = chromium()
     if browser is None:
         print("no chromium on this machine: install it (apt-get install chromium) to run this check")

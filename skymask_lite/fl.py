@@ -166,7 +166,7 @@ def train_clients_batched(
     Models without buffers take one ``vmap`` call per step for all clients: a client with fewer
     or smaller batches is padded with zero-weight examples, so its loss is still the mean over its
     real examples. Models with BatchNorm statistics cannot be padded (a padded example would enter
-    the batch statistics), so :func:`_train_batched_with_buffers` groups the clients by batch size.
+    the batch statistics), so ``_train_batched_with_buffers`` groups the clients by batch size.
     """
     if global_buffers:
         return _train_batched_with_buffers(net, global_params, data, recipe, schedules, global_buffers)

@@ -194,7 +194,7 @@ def serve(grid: Grid, config: Config, fraction_train: float = 1.0) -> dict[str, 
 
 
 def config_from_run_config(run_config: dict[str, Any]) -> Config:
-    """A :class:`Config` from a Flower run config (``pyproject.toml``'s ``[tool.flwr.app.config]``
+    """A :class:`~skymask_lite.experiments.Config` from a Flower run config (``pyproject.toml``'s ``[tool.flwr.app.config]``
     or ``flwr run --run-config``): keys are Config fields with ``-`` for ``_``
     (``num-clients``, ``attack``, ...); ``attack-options``/``defense-options`` are JSON strings;
     ``out`` and ``fraction-train`` belong to the run, not to the Config."""

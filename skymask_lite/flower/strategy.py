@@ -155,7 +155,7 @@ class DefenseStrategy(FedAvg):
     as in the simulator), calls ``defense(U, ctx)`` and steps ``w <- w + global_lr * update``
     (:func:`skymask_lite.fl.server_step`). Each round's record (``kept`` as partition ids,
     ``fpr``, ``fnr``, ``defense_info``, timing; ``test_acc`` once :meth:`evaluate_global` ran)
-    is appended to :attr:`records` and returned as the round's ``MetricRecord``.
+    is appended to ``records`` and returned as the round's ``MetricRecord``.
 
     Args:
         defense: ``defense(updates, ctx) -> Aggregation``, e.g. ``make_defense("skymask")``.
