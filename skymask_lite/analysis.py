@@ -5,7 +5,7 @@ Every round of a study run with ``record_geometry`` (:func:`~skymask_lite.skymas
 holds the masks' 2-D PCA points, the 2-component mixture's partition, means and covariances.
 :func:`geometry_statistics` derives from them every statistic a 1-vs-2 rule reads (BIC is
 recorded by the rule itself), and :func:`decide` applies a criterion to them with the same code
-as :func:`~skymask_lite.skymask.cluster_masks`. A rule recomputed this way on a round decides as
+as :func:`~skymask_lite.clustering.cluster_masks`. A rule recomputed this way on a round decides as
 SkyMask with that rule would have decided on the same masks; later rounds also depend on the
 earlier decisions, which is why the chapter recomputes the study with the rule it adopts.
 """
@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from .skymask import COLLAPSE_RATIO, DEFAULT_THRESHOLD, _two_clusters, ashman_d, collapsed_strays, robust_spread
+from .clustering import COLLAPSE_RATIO, DEFAULT_THRESHOLD, _two_clusters, ashman_d, collapsed_strays, robust_spread
 
 __all__ = ["decide", "decision_rounds", "geometry_statistics", "setting_label"]
 
@@ -34,11 +34,11 @@ def geometry_statistics(geometry: dict[str, Any], malicious: list[int]) -> dict[
     """What the 2-component partition says, from a round's recorded geometry.
 
     ``ashman_d`` of the two components; ``other_size``, the clients outside the root's component;
-    ``spread_ratio``, the :func:`~skymask_lite.skymask.robust_spread` of that component over the
+    ``spread_ratio``, the :func:`~skymask_lite.clustering.robust_spread` of that component over the
     root's (root included); and, were two clusters chosen, the partition's ``fpr_if_two`` (honest
     clients outside the root's component) and ``fnr_if_two`` (attackers inside it; ``None``
     without attackers); for a collapsed component (``spread_ratio`` below ``COLLAPSE_RATIO``) the
-    partition keeps its ``strays`` (:func:`~skymask_lite.skymask.collapsed_strays`), as
+    partition keeps its ``strays`` (:func:`~skymask_lite.clustering.collapsed_strays`), as
     ``collapse_or_ashman`` does.
     """
     points, labels = np.asarray(geometry["points"]), np.asarray(geometry["labels"])

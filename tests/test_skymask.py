@@ -15,6 +15,7 @@ from torch import nn
 from torch.func import functional_call
 
 from skymask_lite import _mask_kernels as kernels
+from skymask_lite import clustering
 from skymask_lite import skymask as sm
 from skymask_lite.aggregation import BoundRule
 from skymask_lite.context import RoundContext
@@ -607,7 +608,7 @@ def test_collapsed_colluders_are_a_cluster_even_close_by(criterion, monkeypatch)
     honest = _clusters(torch.zeros(2), 1.0, 80, gen)
     colluders = torch.tensor([[3.0, 0.0]], dtype=torch.float64).expand(20, 2)
     points = torch.cat([colluders, honest, torch.zeros(1, 2, dtype=torch.float64)])  # root last, in the cloud
-    monkeypatch.setattr(sm, "pca_2d", lambda masks: points)
+    monkeypatch.setattr(clustering, "pca_2d", lambda masks: points)
     benign, info = sm.cluster_masks(torch.zeros(101, 3, dtype=torch.bool), criterion=criterion)
     assert info["ashman_d"] < 8 and info["other_size"] == 20 and info["spread_ratio"] < sm.COLLAPSE_RATIO
     if criterion == "collapse_or_ashman":
@@ -621,7 +622,7 @@ def test_a_single_outlier_is_not_a_cluster(monkeypatch):
     gen = torch.Generator().manual_seed(2)
     points = torch.cat([torch.tensor([[40.0, 40.0]], dtype=torch.float64), _clusters(torch.zeros(2), 1.0, 99, gen),
                         torch.zeros(1, 2, dtype=torch.float64)])
-    monkeypatch.setattr(sm, "pca_2d", lambda masks: points)
+    monkeypatch.setattr(clustering, "pca_2d", lambda masks: points)
     benign, info = sm.cluster_masks(torch.zeros(101, 3, dtype=torch.bool))
     old, _ = sm.cluster_masks(torch.zeros(101, 3, dtype=torch.bool), criterion="ashman")
     assert info["other_size"] == 1 and info["num_clusters"] == 1 and len(benign) == 100
@@ -633,7 +634,7 @@ def test_two_honest_groups_stay_one_cluster(monkeypatch):
     gen = torch.Generator().manual_seed(3)
     points = torch.cat([_clusters(torch.tensor([0.0, 0.0]), 1.0, 50, gen),
                         _clusters(torch.tensor([4.0, 0.0]), 1.0, 50, gen), torch.zeros(1, 2, dtype=torch.float64)])
-    monkeypatch.setattr(sm, "pca_2d", lambda masks: points)
+    monkeypatch.setattr(clustering, "pca_2d", lambda masks: points)
     benign, info = sm.cluster_masks(torch.zeros(101, 3, dtype=torch.bool))
     assert info["bic"][2] < info["bic"][1] and info["ashman_d"] < 8 and info["spread_ratio"] > sm.COLLAPSE_RATIO
     assert info["num_clusters"] == 1 and len(benign) == 100
@@ -647,7 +648,7 @@ def test_a_stray_near_a_collapsed_cluster_is_kept(monkeypatch):
     colluders = torch.tensor([[9.0, 0.0]], dtype=torch.float64).expand(20, 2)
     stray = torch.tensor([[9.0, 2.5]], dtype=torch.float64)
     points = torch.cat([colluders, stray, honest, torch.zeros(1, 2, dtype=torch.float64)])  # root last
-    monkeypatch.setattr(sm, "pca_2d", lambda masks: points)
+    monkeypatch.setattr(clustering, "pca_2d", lambda masks: points)
     benign, info = sm.cluster_masks(torch.zeros(101, 3, dtype=torch.bool))
     assert info["num_clusters"] == 2 and info["spread_ratio"] < sm.COLLAPSE_RATIO
     assert info["other_size"] == 21 and info["strays"] == [20]  # the mixture put the stray with them

@@ -27,42 +27,11 @@ from .data import accuracy_curves, example_images, label_heatmap
 from .defenses import client_scatter, client_scores, detection_bars, metric_heatmap
 from .gmm import detection_rounds, mask_pca
 from .masks import client_layer_heatmap, loss_curves, mask_heatmaps
-from .style import (
-    BENIGN,
-    BOOK_WIDTH,
-    DPI,
-    FIGSIZE,
-    HEATMAP_CMAP,
-    IMAGE_CMAP,
-    LINESTYLES,
-    MALICIOUS,
-    METRIC_LABELS,
-    PALETTE,
-    PANEL_HEIGHT,
-    ROLE_COLORS,
-    ROOT,
-    SMALL_FONT,
-    THUMBNAIL,
-    panels,
-    set_style,
-)
+from . import style
+from .style import *  # noqa: F403  (the colours, sizes, panels and set_style)
 
 __all__ = [
-    "BENIGN",
-    "BOOK_WIDTH",
-    "DPI",
-    "FIGSIZE",
-    "HEATMAP_CMAP",
-    "IMAGE_CMAP",
-    "LINESTYLES",
-    "MALICIOUS",
-    "METRIC_LABELS",
-    "PALETTE",
-    "PANEL_HEIGHT",
-    "ROLE_COLORS",
-    "ROOT",
-    "SMALL_FONT",
-    "THUMBNAIL",
+    *style.__all__,
     "accuracy_curves",
     "client_layer_heatmap",
     "client_scatter",
@@ -78,8 +47,6 @@ __all__ = [
     "mask_heatmaps",
     "mask_pca",
     "metric_heatmap",
-    "panels",
     "role_strips",
-    "set_style",
     "update_pca",
 ]

@@ -155,8 +155,8 @@ def update_pca(
 ) -> Figure:
     """The clients' updates projected on their first two principal components, coloured by role.
 
-    The projection is :func:`skymask_lite.skymask.pca_2d` (and
-    :func:`~skymask_lite.skymask.variance_share` for the axis labels), fitted per panel on all its rows.
+    The projection is :func:`skymask_lite.clustering.pca_2d` (and
+    :func:`~skymask_lite.clustering.variance_share` for the axis labels), fitted per panel on all its rows.
 
     Args:
         updates: one ``[n, d]`` update matrix, or ``{panel title: [n, d]}`` for several panels.

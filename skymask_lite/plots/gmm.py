@@ -97,10 +97,10 @@ def mask_pca(
     Clients are circles (benign) and crosses (malicious) in the role colours, the root model a
     black star; clients the rule dropped (not in ``kept``) are hollow, as in
     :func:`~skymask_lite.plots.client_scatter`. The points and the mixtures are computed by
-    :func:`skymask_lite.skymask.cluster_masks`; this function only draws them.
+    :func:`skymask_lite.clustering.cluster_masks`; this function only draws them.
 
     Args:
-        info: the ``info`` dict of :func:`skymask_lite.skymask.cluster_masks` (or of
+        info: the ``info`` dict of :func:`skymask_lite.clustering.cluster_masks` (or of
             :func:`skymask_lite.skymask.skymask`): ``points`` ``[n+1, 2]`` with the ROOT LAST,
             ``means`` ``[c, 2]`` and ``covariances`` ``[c, 2, 2]`` of the chosen mixture, ``fit2``
             (the same for the 2-component mixture); or ``{panel title: info}`` for side-by-side

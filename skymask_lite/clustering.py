@@ -1,0 +1,233 @@
+"""SkyMask, step 5: from binary masks to "who is benign" (Yan et al., ECCV 2024).
+
+PCA of the masks to 2-D (:func:`pca_2d`), Gaussian mixtures with one and two components, and
+the 1-vs-2 decision (:func:`cluster_masks`, criteria in :data:`DEFAULT_THRESHOLD`; the module
+docstring of :mod:`skymask_lite.skymask` explains the default, ``"collapse_or_ashman"``).
+The cluster that holds the server's root mask is benign.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from typing import Any
+
+import numpy as np
+import torch
+from sklearn.exceptions import ConvergenceWarning
+from sklearn.mixture import GaussianMixture
+from threadpoolctl import threadpool_limits
+
+__all__ = [
+    "COLLAPSE_RATIO",
+    "CORE_RADIUS",
+    "DEFAULT_THRESHOLD",
+    "ashman_d",
+    "cluster_masks",
+    "collapsed_strays",
+    "pca_2d",
+    "robust_spread",
+    "variance_share",
+]
+
+DEFAULT_THRESHOLD = {"collapse_or_ashman": 8.0, "ashman": 8.0, "bic_margin": 0.2, "bic": None, "always": None}
+"""1-vs-2-cluster criteria and their default thresholds (see the module docstring)."""
+
+COLLAPSE_RATIO = 0.1
+"""``"collapse_or_ashman"``: the other component counts as collapsed when its robust spread is
+below this share of the root component's (see :func:`robust_spread`); calibrated on seed 0 of
+the decision study (``data/results/decision/``, chapter "Is there an attack?")."""
+
+CORE_RADIUS = 0.5
+"""A collapsed cluster holds the clients within this many robust spreads of the root's
+component from its median point; a client of the same mixture component farther away is a
+stray the mixture merely attached to it, and is kept (chapter "Is there an attack?")."""
+
+
+def _centred_gram_eigh(x: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
+    """Eigenvalues (descending) and eigenvectors of the centred Gram matrix ``H x x^T H``,
+    ``H = I - 11^T / k``; only the ``k x k`` Gram matrix leaves ``x``'s device."""
+    if x.is_floating_point():
+        gram = x.double() @ x.double().T
+    else:  # 0/1 masks: the float32 Gram matrix holds integer counts, exact below 2^24
+        if x.shape[1] >= 2**24:
+            raise ValueError("the float32 Gram matrix is exact only for d < 2^24 coordinates")
+        b = x.to(torch.float32)
+        gram = b @ b.T
+    gram = gram.cpu().double().numpy()
+    row = gram.mean(axis=1, keepdims=True)
+    with threadpool_limits(1):  # threaded LAPACK is far slower than one thread on a k x k problem
+        eigenvalues, eigenvectors = np.linalg.eigh(gram - row - row.T + gram.mean())
+    order = np.argsort(eigenvalues)[::-1]
+    return eigenvalues[order], eigenvectors[:, order]
+
+
+def pca_2d(x: torch.Tensor) -> torch.Tensor:
+    """Coordinates of the ``k`` rows of ``x`` (binary masks, or any ``[k, d]`` matrix) on their
+    first two principal components, ``[k, 2]``, a float64 CPU tensor.
+
+    Through the ``k x k`` Gram matrix ``G = x x^T``, computed on ``x``'s device (float32 for
+    bool masks, exact; float64 otherwise): centred as ``H G H`` with ``H = I - 11^T / k`` and,
+    with ``H G H = V L V^T``, the scores are ``V[:, :2] sqrt(L[:2])`` (the same as the SVD of the
+    centred rows). Each axis' sign is fixed so that its largest-magnitude score is positive.
+    """
+    eigenvalues, eigenvectors = _centred_gram_eigh(x)
+    points = eigenvectors[:, :2] * np.sqrt(np.clip(eigenvalues[:2], 0.0, None))
+    signs = np.sign(points[np.abs(points).argmax(axis=0), [0, 1]])
+    return torch.from_numpy(points * np.where(signs == 0, 1.0, signs))
+
+
+def variance_share(x: torch.Tensor) -> torch.Tensor:
+    """Share of the rows' total variance along each of the first two principal components of
+    :func:`pca_2d`: ``L[:2] / sum(L)``, ``[2]`` float64 on the CPU (0 when the rows coincide)."""
+    eigenvalues = np.clip(_centred_gram_eigh(x)[0], 0.0, None)
+    total = eigenvalues.sum()
+    return torch.from_numpy(eigenvalues[:2] / total if total > 0 else np.zeros(2))
+
+
+def ashman_d(means: np.ndarray, covariances: np.ndarray) -> float:
+    """Ashman's D of two Gaussian components along the line of their means.
+
+    With ``e = (mu_1 - mu_2) / |mu_1 - mu_2|`` and ``s_c^2 = e^T Sigma_c e``:
+    ``D = sqrt(2) |mu_1 - mu_2| / sqrt(s_1^2 + s_2^2)`` (0 when the means coincide).
+    D > 2 is the usual "clean separation" of two 1-D Gaussians.
+    """
+    diff = means[0] - means[1]
+    gap = float(np.linalg.norm(diff))
+    if gap == 0.0:
+        return 0.0
+    e = diff / gap
+    spread = float(e @ covariances[0] @ e + e @ covariances[1] @ e)
+    return math.sqrt(2.0) * gap / math.sqrt(spread)
+
+
+def robust_spread(points: np.ndarray) -> float:
+    """The median distance of ``points`` ``[m, 2]`` to their coordinate-wise median (0 for one point):
+    a spread that a single far-away member cannot inflate."""
+    if len(points) == 0:
+        return math.nan
+    return float(np.median(np.linalg.norm(points - np.median(points, axis=0), axis=1)))
+
+
+def collapsed_strays(points: np.ndarray, inside: np.ndarray) -> np.ndarray:
+    """The rows of the non-root component (``~inside``) farther than :data:`CORE_RADIUS` robust
+    spreads of the root's component from the non-root component's median point."""
+    other = np.flatnonzero(~inside)
+    if len(other) == 0:
+        return other
+    distance = np.linalg.norm(points[other] - np.median(points[other], axis=0), axis=1)
+    return other[distance > CORE_RADIUS * robust_spread(points[inside])]
+
+
+def _two_clusters(
+    criterion: str, threshold: float | None, bic: dict[int, float], d: float, margin: float,
+    other_size: int, spread_ratio: float,
+) -> bool:
+    """Apply the 1-vs-2 criterion (see the module docstring)."""
+    if criterion == "always":
+        return True
+    if criterion == "bic_margin":
+        return margin > threshold
+    if criterion == "collapse_or_ashman":  # a cluster is >= 2 clients: tight (colluding) or far apart
+        collapsed = spread_ratio < COLLAPSE_RATIO
+        return bic[2] < bic[1] and other_size >= 2 and (collapsed or d > threshold)
+    return bic[2] < bic[1] and (criterion == "bic" or d > threshold)
+
+
+def _fit(points: np.ndarray, components: int, seed: int, n_init: int) -> GaussianMixture:
+    """A full-covariance Gaussian mixture with a fixed random state.
+
+    Identical masks (fewer distinct points than components) are legitimate here: the 1-vs-2
+    criterion then sees two coinciding components (D = 0), so sklearn's warning is silenced.
+    """
+    with threadpool_limits(1), warnings.catch_warnings():  # 2-D points: threads only add overhead
+        warnings.filterwarnings("ignore", "Number of distinct clusters", ConvergenceWarning)
+        return GaussianMixture(components, covariance_type="full", random_state=seed, n_init=n_init).fit(points)
+
+
+def _mixture_info(gmm: GaussianMixture, points: np.ndarray) -> dict[str, torch.Tensor]:
+    """Labels of every point, means and covariances of a fitted mixture, as CPU tensors."""
+    return {
+        "labels": torch.from_numpy(gmm.predict(points)).long(),
+        "means": torch.from_numpy(gmm.means_),
+        "covariances": torch.from_numpy(gmm.covariances_),
+    }
+
+
+def cluster_masks(
+    binary_masks: torch.Tensor,
+    *,
+    root_index: int = -1,
+    seed: int = 0,
+    criterion: str = "collapse_or_ashman",
+    threshold: float | None = None,
+    n_init: int = 3,
+) -> tuple[torch.Tensor, dict[str, Any]]:
+    """Who is benign, from the binary masks (SkyMask, step 5).
+
+    PCA to 2-D (:func:`pca_2d`), full-covariance Gaussian mixtures with 1 and 2 components
+    (``random_state=seed``), then ``criterion`` decides between one cluster (no attack: everyone
+    is benign) and two (benign = the clients sharing the root mask's component; possibly none).
+
+    Args:
+        binary_masks: ``[k, d]`` bool/0-1 masks, one of them the root's.
+        root_index: the root's row (default: last).
+        criterion: "collapse_or_ashman" (the default: BIC prefers 2, the other component of the
+            2-component fit holds at least 2 clients, and it is either collapsed, its
+            :func:`robust_spread` below :data:`COLLAPSE_RATIO` times the root component's, or
+            apart, Ashman's D > threshold, default 8), "ashman" (BIC prefers 2 and D > threshold),
+            "bic_margin" (``(BIC1 - BIC2) / |BIC1| > threshold``, default 0.2), "bic" (BIC prefers 2)
+            or "always" (two clusters, as in the authors' code).
+        threshold: overrides the criterion's default (:data:`DEFAULT_THRESHOLD`).
+
+    Returns:
+        ``(benign, info)``: ``benign`` is a long tensor of positions among the NON-root rows
+        (client indices ``0..k-2`` when the root is last), on the masks' device. ``info`` holds
+        ``points`` ``[k, 2]``; ``labels``, ``means``, ``covariances`` of the chosen mixture;
+        ``fit2`` (the same for the 2-component mixture); ``bic`` ``{1: ., 2: .}``; ``ashman_d``;
+        ``relative_bic_margin``; ``other_size`` and ``spread_ratio`` (the 2-component fit's
+        non-root component: its number of clients and robust spread over the root component's);
+        ``strays`` (rows of a collapsed component farther than :data:`CORE_RADIUS` from its
+        core, kept as benign);
+        ``num_clusters``; ``root_label``; ``criterion``; ``threshold``.
+    """
+    if criterion not in DEFAULT_THRESHOLD:
+        raise ValueError(f"unknown criterion {criterion!r}; choose one of {sorted(DEFAULT_THRESHOLD)}")
+    threshold = DEFAULT_THRESHOLD[criterion] if threshold is None else threshold
+    k = binary_masks.shape[0]
+    root = root_index % k
+    points = pca_2d(binary_masks)
+    xy = points.numpy()
+    fits = {1: _fit(xy, 1, seed, 1), 2: _fit(xy, 2, seed, n_init)}  # one component: no restarts needed
+    bic = {c: float(fits[c].bic(xy)) for c in (1, 2)}
+    margin = (bic[1] - bic[2]) / abs(bic[1]) if bic[1] != 0 else math.inf
+    d = ashman_d(fits[2].means_, fits[2].covariances_)
+    split = fits[2].predict(xy)  # the 2-component partition
+    inside = split == split[root]
+    other_size = int((~inside).sum())  # the root is in its own component
+    ratio = robust_spread(xy[~inside]) / max(robust_spread(xy[inside]), 1e-300) if other_size else math.inf
+    num_clusters = 2 if _two_clusters(criterion, threshold, bic, d, margin, other_size, ratio) else 1
+    chosen = _mixture_info(fits[num_clusters], xy)
+    root_label = int(chosen["labels"][root])
+    same = chosen["labels"] == root_label
+    strays = []
+    if criterion == "collapse_or_ashman" and num_clusters == 2 and ratio < COLLAPSE_RATIO:
+        strays = collapsed_strays(xy, inside).tolist()
+        same[strays] = True
+    benign = torch.nonzero(torch.cat([same[:root], same[root + 1 :]])).flatten().to(binary_masks.device)
+    info = {
+        "points": points,
+        **chosen,
+        "fit2": _mixture_info(fits[2], xy),
+        "bic": bic,
+        "ashman_d": d,
+        "relative_bic_margin": margin,
+        "other_size": other_size,
+        "spread_ratio": ratio,
+        "strays": strays,
+        "num_clusters": num_clusters,
+        "root_label": root_label,
+        "criterion": criterion,
+        "threshold": threshold,
+    }
+    return benign, info
