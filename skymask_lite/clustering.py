@@ -1,7 +1,7 @@
 """SkyMask, step 5: from binary masks to "who is benign" (Yan et al., ECCV 2024).
 
 PCA of the masks to 2-D (:func:`pca_2d`), Gaussian mixtures with one and two components, and
-the 1-vs-2 decision (:func:`cluster_masks`, criteria in :data:`DEFAULT_THRESHOLD`; the module
+the 1-vs-2 decision (:func:`cluster_masks`, criteria in ``DEFAULT_THRESHOLD``; the module
 docstring of :mod:`skymask_lite.skymask` explains the default, ``"collapse_or_ashman"``).
 The cluster that holds the server's root mask is benign.
 """
@@ -110,7 +110,7 @@ def robust_spread(points: np.ndarray) -> float:
 
 
 def collapsed_strays(points: np.ndarray, inside: np.ndarray) -> np.ndarray:
-    """The rows of the non-root component (``~inside``) farther than :data:`CORE_RADIUS` robust
+    """The rows of the non-root component (``~inside``) farther than ``CORE_RADIUS`` robust
     spreads of the root's component from the non-root component's median point."""
     other = np.flatnonzero(~inside)
     if len(other) == 0:
@@ -174,11 +174,11 @@ def cluster_masks(
         root_index: the root's row (default: last).
         criterion: "collapse_or_ashman" (the default: BIC prefers 2, the other component of the
             2-component fit holds at least 2 clients, and it is either collapsed, its
-            :func:`robust_spread` below :data:`COLLAPSE_RATIO` times the root component's, or
+            :func:`robust_spread` below ``COLLAPSE_RATIO`` times the root component's, or
             apart, Ashman's D > threshold, default 8), "ashman" (BIC prefers 2 and D > threshold),
             "bic_margin" (``(BIC1 - BIC2) / |BIC1| > threshold``, default 0.2), "bic" (BIC prefers 2)
             or "always" (two clusters, as in the authors' code).
-        threshold: overrides the criterion's default (:data:`DEFAULT_THRESHOLD`).
+        threshold: overrides the criterion's default (``DEFAULT_THRESHOLD``).
 
     Returns:
         ``(benign, info)``: ``benign`` is a long tensor of positions among the NON-root rows
@@ -187,7 +187,7 @@ def cluster_masks(
         ``fit2`` (the same for the 2-component mixture); ``bic`` ``{1: ., 2: .}``; ``ashman_d``;
         ``relative_bic_margin``; ``other_size`` and ``spread_ratio`` (the 2-component fit's
         non-root component: its number of clients and robust spread over the root component's);
-        ``strays`` (rows of a collapsed component farther than :data:`CORE_RADIUS` from its
+        ``strays`` (rows of a collapsed component farther than ``CORE_RADIUS`` from its
         core, kept as benign);
         ``num_clusters``; ``root_label``; ``criterion``; ``threshold``.
     """

@@ -5,7 +5,7 @@ the class's documentation are generated. :meth:`Config.validate` checks every va
 and the defense's options and their conditions on ``n`` and ``f`` without reading data or
 training; each problem is a :class:`ConfigError` that names the flag and the fix.
 
-A run's identity is its config without the execution fields (:data:`EXECUTION_FIELDS`: device,
+A run's identity is its config without the execution fields (``EXECUTION_FIELDS``: device,
 engine, threads): the same experiment computed on a GPU has the same name as on a CPU.
 """
 
@@ -41,8 +41,8 @@ RESULTS_DIR = Path(__file__).resolve().parent.parent / "data" / "results"
 """The book's results, read by the chapters; new runs go to :data:`DEFAULT_OUT_DIR` unless told otherwise."""
 
 DEFAULT_OUT_DIR = Path("results")
-"""The folder ``./results/`` of the current directory, where the command line and :func:`run_grid` write
-by default."""
+"""The folder ``./results/`` of the current directory, where the command line and
+:func:`~skymask_lite.experiments.run_grid` write by default."""
 
 EXECUTION_FIELDS = ("device", "engine", "threads")
 """The config fields that say how a run is computed, not what it computes, hence not part of its identity."""
@@ -62,7 +62,7 @@ def _field(default: Any, help: str) -> Any:
 class Config:
     """One federated run. Defaults: the book's Fashion-MNIST recipe (see README, "Recipe").
 
-    Device, engine and threads are execution details (:data:`EXECUTION_FIELDS`): recorded in a
+    Device, engine and threads are execution details (``EXECUTION_FIELDS``): recorded in a
     result's ``env``, never part of its identity (:func:`run_name`).
     """
 
@@ -290,7 +290,7 @@ def resolve_device(device: str | torch.device) -> torch.device:
 
 
 def run_identity(config: Config | dict[str, Any]) -> dict[str, Any]:
-    """What a run computes: its config without the :data:`EXECUTION_FIELDS` (a dict is read as
+    """What a run computes: its config without the ``EXECUTION_FIELDS`` (a dict is read as
     a config first, so that fields it lacks take their defaults)."""
     values = config.to_dict() if isinstance(config, Config) else Config(**config).to_dict()
     return {key: value for key, value in values.items() if key not in EXECUTION_FIELDS}
