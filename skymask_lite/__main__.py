@@ -32,7 +32,7 @@ from .experiments import (
 )
 from .fl import ENGINES
 from .models import MODELS
-from .studies import STUDIES, study_configs
+from .studies import STUDIES, shard, study_configs
 
 __all__ = ["main"]
 
@@ -169,6 +169,9 @@ def _parser() -> argparse.ArgumentParser:
     for name in EXECUTION_FIELDS:
         study.add_argument("--" + name, type=str if name != "threads" else int, default=None,
                            help=f"Override the configs' {name} (an execution detail, not part of a run's identity).")
+    study.add_argument("--shard", default=None, metavar="K/M",
+                       help="Run only shard K of M (every M-th config from the K-th): M processes with the same "
+                            "--out-dir split the study. Default: the whole study.")
     study.add_argument("--no-resume", action="store_true", help="Recompute every run, replacing its file.")
     study.add_argument("--no-progress", action="store_true", help="No progress bar.")
     flower.add_cli(sub, _add_config_flags, _config)
@@ -208,6 +211,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         elif args.command == "study":
             execution = {name: getattr(args, name) for name in EXECUTION_FIELDS if getattr(args, name) is not None}
             configs = [dataclasses.replace(c, **execution) for c in study_configs(args.name)]
+            if args.shard is not None:
+                configs = shard(configs, args.shard)
             for config in configs:
                 config.validate()
             out_dir = check_output(args.out_dir, "--out-dir", folder=True)

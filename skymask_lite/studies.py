@@ -14,7 +14,15 @@ from typing import Callable
 
 from .experiments import Config
 
-__all__ = ["STUDIES", "decision_ashman_study", "decision_study", "skymask_study", "study_configs"]
+__all__ = [
+    "STUDIES",
+    "baselines_study",
+    "decision_ashman_study",
+    "decision_study",
+    "shard",
+    "skymask_study",
+    "study_configs",
+]
 
 DECISION_BIAS = (0.1, 0.3, 0.5, 0.7, 0.8, 0.9)
 DECISION_ALPHA = (0.1, 0.3, 1.0)
@@ -58,10 +66,53 @@ def skymask_study() -> list[Config]:
     return [dataclasses.replace(base, attack=attack) for attack in attacks]
 
 
+MAIN_ATTACKS = ("none", "label_flip", "lie", "fang_trim", "fang_krum", "min_max", "min_sum", "backdoor")
+MAIN_DEFENSES = (
+    "fedavg", "median", "trimmed_mean", "krum", "multi_krum", "bulyan", "fltrust", "flame", "deepsight", "skymask",
+)
+SEEDED_DEFENSES = ("fedavg", "fltrust", "skymask")
+DETECTION_RULES = ("tolpegin", "fldetector", "flame", "multi_krum", "deepsight", "fltrust", "skymask")
+DETECTION_ATTACKS = ("min_max", "min_sum", "fang_krum", "fang_trim", "label_flip", "backdoor")
+COST_DEFENSES = ("fedavg", "skymask", "fltrust", "krum", "multi_krum", "median", "trimmed_mean")
+SEEDS = (0, 1, 2)
+
+
+def baselines_study() -> list[Config]:
+    """SkyMask against every baseline (the chapter of that name): 100 clients, 20 of them
+    malicious (20%), 20 rounds, the book's recipe; ``attack="none"`` keeps f = 20 so that every
+    rule is configured as under attack (the cost of defending).
+
+    In the order the chapter needs them:
+
+    1. the main table, seed 0: :data:`MAIN_DEFENSES` x :data:`MAIN_ATTACKS` (SkyMask last);
+    2. the detection table's two pure detectors (Tolpegin, FLDetector) under
+       :data:`DETECTION_ATTACKS`, seed 0 (the other rules of :data:`DETECTION_RULES` are in 1);
+    3. seeds 1 and 2 of FedAvg, FLTrust and SkyMask under every attack of the main table;
+    4. seeds 1 and 2 of the other rules of :data:`COST_DEFENSES` without attack.
+    """
+    base = Config(num_malicious=20, rounds=20)
+    configs = [dataclasses.replace(base, attack=a, defense=d) for d in MAIN_DEFENSES for a in MAIN_ATTACKS]
+    configs += [
+        dataclasses.replace(base, attack=a, defense=d)
+        for a in DETECTION_ATTACKS
+        for d in DETECTION_RULES
+        if d not in MAIN_DEFENSES
+    ]
+    for seed in SEEDS[1:]:
+        configs += [dataclasses.replace(base, attack=a, defense=d, seed=seed) for a in MAIN_ATTACKS for d in SEEDED_DEFENSES]
+        configs += [
+            dataclasses.replace(base, attack="none", defense=d, seed=seed)
+            for d in COST_DEFENSES
+            if d not in SEEDED_DEFENSES
+        ]
+    return configs
+
+
 STUDIES: dict[str, Callable[[], list[Config]]] = {
     "decision": decision_study,
     "decision_ashman": decision_ashman_study,
     "skymask": skymask_study,
+    "baselines": baselines_study,
 }
 """Study name -> its configs (each study's folder is ``data/results/<name>/``)."""
 
@@ -71,3 +122,15 @@ def study_configs(name: str) -> list[Config]:
     if name not in STUDIES:
         raise ValueError(f"unknown study {name!r}; choose one of {sorted(STUDIES)}")
     return STUDIES[name]()
+
+
+def shard(configs: list[Config], spec: str) -> list[Config]:
+    """Shard ``"k/m"`` (1 <= k <= m) of ``configs``: every m-th config from the k-th on, so that m
+    processes (or machines) writing to one folder split a study without running a config twice."""
+    try:
+        k, m = (int(part) for part in spec.split("/"))
+    except ValueError:
+        raise ValueError(f"--shard {spec}: expected K/M, e.g. 1/2 for the first of two shards") from None
+    if not 1 <= k <= m:
+        raise ValueError(f"--shard {spec}: K must be between 1 and M, e.g. 1/2 or 2/2")
+    return configs[k - 1 :: m]
