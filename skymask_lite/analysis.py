@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from .clustering import COLLAPSE_RATIO, DEFAULT_THRESHOLD, _two_clusters, ashman_d, collapsed_strays, robust_spread
+from .clustering import DEFAULT_THRESHOLD, _two_clusters, ashman_d, benign_side, read_partition
 
 __all__ = ["decide", "decision_rounds", "geometry_statistics", "setting_label"]
 
@@ -35,31 +35,27 @@ def geometry_statistics(geometry: dict[str, Any], malicious: list[int]) -> dict[
 
     ``ashman_d`` of the two components; ``other_size``, the clients outside the root's component;
     ``spread_ratio``, the :func:`~skymask_lite.clustering.robust_spread` of that component over the
-    root's (root included); and, were two clusters chosen, the partition's ``fpr_if_two`` (honest
-    clients outside the root's component) and ``fnr_if_two`` (attackers inside it; ``None``
-    without attackers); for a collapsed component (``spread_ratio`` below ``COLLAPSE_RATIO``) the
-    partition keeps its ``strays`` (:func:`~skymask_lite.clustering.collapsed_strays`), as
-    ``collapse_or_ashman`` does.
+    root's (root included); ``root_side_ratio`` (:func:`~skymask_lite.clustering.read_partition`);
+    and, were two clusters chosen, the ``fpr_if_two`` (honest clients dropped) and ``fnr_if_two``
+    (attackers kept; ``None`` without attackers) of the side ``collapse_or_ashman`` keeps
+    (:func:`~skymask_lite.clustering.benign_side`: the root's component, or the other one when the
+    root's clients collapsed, with a collapsed group's ``strays``).
     """
     points, labels = np.asarray(geometry["points"]), np.asarray(geometry["labels"])
     n = len(labels) - 1  # the root is the last row
-    inside = labels == labels[-1]
-    other_size = int((~inside).sum())  # the mixture's other component (the root is inside)
-    other = np.flatnonzero(~inside)
-    ratio = robust_spread(points[~inside]) / max(robust_spread(points[inside]), 1e-300) if len(other) else math.inf
-    strays = collapsed_strays(points, inside) if ratio < COLLAPSE_RATIO else np.array([], dtype=int)
-    inside = inside.copy()
-    inside[strays] = True
-    other = np.flatnonzero(~inside[:n])
+    partition = read_partition(points, labels, n)
+    kept, strays = benign_side(points, partition, n)
+    other = np.flatnonzero(~kept[:n])
     bad = set(malicious)
     honest = n - len(bad)
     return {
         "ashman_d": ashman_d(np.asarray(geometry["means"]), np.asarray(geometry["covariances"])),
-        "other_size": other_size,
-        "spread_ratio": ratio,
+        "other_size": partition["other_size"],
+        "spread_ratio": partition["spread_ratio"],
+        "root_side_ratio": partition["root_side_ratio"],
         "strays": int(len(strays)),
         "fpr_if_two": sum(1 for i in other if i not in bad) / honest if honest else None,
-        "fnr_if_two": sum(1 for i in bad if inside[i]) / len(bad) if bad else None,
+        "fnr_if_two": sum(1 for i in bad if kept[i]) / len(bad) if bad else None,
     }
 
 
@@ -69,8 +65,9 @@ def decide(stats: dict[str, Any], bic_1: float, bic_2: float, criterion: str = "
     threshold = DEFAULT_THRESHOLD[criterion] if threshold is None else threshold
     bic = {1: bic_1, 2: bic_2}
     margin = (bic_1 - bic_2) / abs(bic_1) if bic_1 != 0 else math.inf
+    root_side = stats.get("root_side_ratio", math.inf) if criterion == "collapse_or_ashman" else math.inf
     two = _two_clusters(criterion, threshold, bic, stats["ashman_d"], margin, stats["other_size"],
-                        stats["spread_ratio"])
+                        stats["spread_ratio"], root_side)
     return 2 if two else 1
 
 

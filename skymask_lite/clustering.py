@@ -23,9 +23,11 @@ __all__ = [
     "CORE_RADIUS",
     "DEFAULT_THRESHOLD",
     "ashman_d",
+    "benign_side",
     "cluster_masks",
     "collapsed_strays",
     "pca_2d",
+    "read_partition",
     "robust_spread",
     "variance_share",
 ]
@@ -109,19 +111,67 @@ def robust_spread(points: np.ndarray) -> float:
     return float(np.median(np.linalg.norm(points - np.median(points, axis=0), axis=1)))
 
 
-def collapsed_strays(points: np.ndarray, inside: np.ndarray) -> np.ndarray:
-    """The rows of the non-root component (``~inside``) farther than ``CORE_RADIUS`` robust
-    spreads of the root's component from the non-root component's median point."""
-    other = np.flatnonzero(~inside)
-    if len(other) == 0:
-        return other
-    distance = np.linalg.norm(points[other] - np.median(points[other], axis=0), axis=1)
-    return other[distance > CORE_RADIUS * robust_spread(points[inside])]
+def collapsed_strays(points: np.ndarray, collapsed: np.ndarray, reference: np.ndarray) -> np.ndarray:
+    """The rows of the ``collapsed`` group (a boolean row mask) farther than ``CORE_RADIUS``
+    robust spreads of the ``reference`` group from the collapsed group's median point: clients
+    the mixture merely attached to the collapsed core."""
+    group = np.flatnonzero(collapsed)
+    if len(group) == 0:
+        return group
+    distance = np.linalg.norm(points[group] - np.median(points[group], axis=0), axis=1)
+    return group[distance > CORE_RADIUS * robust_spread(points[reference])]
+
+
+def read_partition(points: np.ndarray, labels: np.ndarray, root: int) -> dict[str, Any]:
+    """What the 2-component partition ``labels`` of ``points`` ``[k, 2]`` says about collapse.
+
+    ``inside``: the rows of the root's component (the root included); ``other_size``: the clients
+    outside it; ``spread_ratio``: the other component's :func:`robust_spread` over the root
+    component's (root included; ``inf`` if the other component is empty); ``root_side_ratio``: the
+    root component's CLIENTS' robust spread (the root left out) over the other component's
+    (``inf`` unless at least two clients share the root's component).
+
+    The root is one point among ``n + 1``; its mask is trained on the small root set and can lie
+    apart from every client's. The mixture may then put it beside a collapsed group of colluders
+    (``root_side_ratio`` small): the collapsed group is still the colluders', wherever the root
+    fell (the 10-client run of the chapter "SkyMask in a real federation").
+    """
+    inside = labels == labels[root]
+    clients_inside = inside.copy()
+    clients_inside[root] = False
+    other_size = int((~inside).sum())
+    spread_ratio = robust_spread(points[~inside]) / max(robust_spread(points[inside]), 1e-300) if other_size else math.inf
+    root_side_ratio = math.inf
+    if other_size and clients_inside.sum() >= 2:
+        root_side_ratio = robust_spread(points[clients_inside]) / max(robust_spread(points[~inside]), 1e-300)
+    return {"inside": inside, "other_size": other_size, "spread_ratio": spread_ratio,
+            "root_side_ratio": root_side_ratio}
+
+
+def benign_side(points: np.ndarray, partition: dict[str, Any], root: int) -> tuple[np.ndarray, list[int]]:
+    """The rows ``collapse_or_ashman`` keeps once it has chosen two clusters, and its strays.
+
+    A collapsed component (:data:`COLLAPSE_RATIO`) is the colluders': if it is the other one, the
+    root's component is kept; if the root's own clients collapsed (``root_side_ratio``), the
+    OTHER component is kept. Either way the collapsed group's strays (:func:`collapsed_strays`,
+    measured against the kept component's spread) are kept too. No collapse: the root's component.
+    """
+    inside = partition["inside"]
+    if partition["spread_ratio"] < COLLAPSE_RATIO:
+        kept, collapsed = inside.copy(), ~inside
+    elif partition["root_side_ratio"] < COLLAPSE_RATIO:
+        kept, collapsed = ~inside, inside.copy()
+        collapsed[root] = False
+    else:
+        return inside.copy(), []
+    strays = collapsed_strays(points, collapsed, kept).tolist()
+    kept[strays] = True
+    return kept, strays
 
 
 def _two_clusters(
     criterion: str, threshold: float | None, bic: dict[int, float], d: float, margin: float,
-    other_size: int, spread_ratio: float,
+    other_size: int, spread_ratio: float, root_side_ratio: float = math.inf,
 ) -> bool:
     """Apply the 1-vs-2 criterion (see the module docstring)."""
     if criterion == "always":
@@ -130,7 +180,8 @@ def _two_clusters(
         return margin > threshold
     if criterion == "collapse_or_ashman":  # a cluster is >= 2 clients: tight (colluding) or far apart
         collapsed = spread_ratio < COLLAPSE_RATIO
-        return bic[2] < bic[1] and other_size >= 2 and (collapsed or d > threshold)
+        root_side_collapsed = root_side_ratio < COLLAPSE_RATIO
+        return bic[2] < bic[1] and (root_side_collapsed or (other_size >= 2 and (collapsed or d > threshold)))
     return bic[2] < bic[1] and (criterion == "bic" or d > threshold)
 
 
@@ -175,7 +226,9 @@ def cluster_masks(
         criterion: "collapse_or_ashman" (the default: BIC prefers 2, the other component of the
             2-component fit holds at least 2 clients, and it is either collapsed, its
             :func:`robust_spread` below ``COLLAPSE_RATIO`` times the root component's, or
-            apart, Ashman's D > threshold, default 8), "ashman" (BIC prefers 2 and D > threshold),
+            apart, Ashman's D > threshold, default 8; or BIC prefers 2 and the CLIENTS of the
+            root's component collapsed, ``root_side_ratio`` below ``COLLAPSE_RATIO``, in which
+            case the other component is kept: see :func:`read_partition`), "ashman" (BIC prefers 2 and D > threshold),
             "bic_margin" (``(BIC1 - BIC2) / |BIC1| > threshold``, default 0.2), "bic" (BIC prefers 2)
             or "always" (two clusters, as in the authors' code).
         threshold: overrides the criterion's default (``DEFAULT_THRESHOLD``).
@@ -187,6 +240,7 @@ def cluster_masks(
         ``fit2`` (the same for the 2-component mixture); ``bic`` ``{1: ., 2: .}``; ``ashman_d``;
         ``relative_bic_margin``; ``other_size`` and ``spread_ratio`` (the 2-component fit's
         non-root component: its number of clients and robust spread over the root component's);
+        ``root_side_ratio`` (:func:`read_partition`);
         ``strays`` (rows of a collapsed component farther than ``CORE_RADIUS`` from its
         core, kept as benign);
         ``num_clusters``; ``root_label``; ``criterion``; ``threshold``.
@@ -202,18 +256,19 @@ def cluster_masks(
     bic = {c: float(fits[c].bic(xy)) for c in (1, 2)}
     margin = (bic[1] - bic[2]) / abs(bic[1]) if bic[1] != 0 else math.inf
     d = ashman_d(fits[2].means_, fits[2].covariances_)
-    split = fits[2].predict(xy)  # the 2-component partition
-    inside = split == split[root]
-    other_size = int((~inside).sum())  # the root is in its own component
-    ratio = robust_spread(xy[~inside]) / max(robust_spread(xy[inside]), 1e-300) if other_size else math.inf
-    num_clusters = 2 if _two_clusters(criterion, threshold, bic, d, margin, other_size, ratio) else 1
+    partition = read_partition(xy, fits[2].predict(xy), root)  # the 2-component partition
+    ratio, root_side = partition["spread_ratio"], partition["root_side_ratio"]
+    if criterion != "collapse_or_ashman":
+        root_side = math.inf  # the other criteria keep the root's component, as the paper does
+    two = _two_clusters(criterion, threshold, bic, d, margin, partition["other_size"], ratio, root_side)
+    num_clusters = 2 if two else 1
     chosen = _mixture_info(fits[num_clusters], xy)
     root_label = int(chosen["labels"][root])
     same = chosen["labels"] == root_label
     strays = []
-    if criterion == "collapse_or_ashman" and num_clusters == 2 and ratio < COLLAPSE_RATIO:
-        strays = collapsed_strays(xy, inside).tolist()
-        same[strays] = True
+    if criterion == "collapse_or_ashman" and num_clusters == 2:
+        kept, strays = benign_side(xy, partition, root)
+        same = torch.from_numpy(kept)
     benign = torch.nonzero(torch.cat([same[:root], same[root + 1 :]])).flatten().to(binary_masks.device)
     info = {
         "points": points,
@@ -222,8 +277,9 @@ def cluster_masks(
         "bic": bic,
         "ashman_d": d,
         "relative_bic_margin": margin,
-        "other_size": other_size,
+        "other_size": partition["other_size"],
         "spread_ratio": ratio,
+        "root_side_ratio": partition["root_side_ratio"],
         "strays": strays,
         "num_clusters": num_clusters,
         "root_label": root_label,

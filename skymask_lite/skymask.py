@@ -38,6 +38,11 @@ holds at least two clients, and that component is either
 * apart: Ashman's D of the two components along the line of their means exceeds 8 (D is
   dimensionless, independent of the scale of the PCA coordinates).
 
+A collapsed group is the colluders' wherever the root falls: when the mixture puts the root
+beside it (the root's mask, trained on 100 examples, can lie apart from every client's; with
+10 clients it happened), the root's component's CLIENTS are collapsed and the OTHER component is
+kept (``root_side_ratio`` of :func:`~skymask_lite.clustering.read_partition`).
+
 ``"ashman"`` (the earlier rule: BIC and D > 8 alone) misses LIE under strong label skew and
 splits off single honest outliers; the chapter "Is there an attack?" measures both rules on
 ``data/results/decision/``. ``"bic_margin"`` (relative BIC margin, depends on the
@@ -328,6 +333,7 @@ def decision_stats(
         "root_cluster_size": int(len(kept)),
         "other_size": int(info["other_size"]),
         "spread_ratio": _finite(info["spread_ratio"]),
+        "root_side_ratio": _finite(info.get("root_side_ratio", math.inf)),
         "strays": [int(i) for i in info.get("strays", [])],
         "root_norm_ratio": ratio,
         "criterion": info["criterion"],

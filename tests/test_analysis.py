@@ -31,3 +31,16 @@ def test_geometry_statistics_of_a_hand_made_round():
     assert decide(stats, bic_1=10.0, bic_2=5.0) == 2 and decide(stats, bic_1=5.0, bic_2=10.0) == 1
     stats = geometry_statistics(geometry, malicious=[0, 2])  # one attacker hides among the honest
     assert stats["fpr_if_two"] == pytest.approx(1 / 2) and stats["fnr_if_two"] == pytest.approx(1 / 2)
+
+
+def test_geometry_statistics_when_the_root_joins_collapsed_colluders():
+    """The offline reading keeps the other component when the root's clients collapsed, as
+    ``cluster_masks`` does."""
+    geometry = {"points": [[0.0, 1.0], [1.0, 0.0], [-1.0, 0.0], [9.0, 9.0], [9.0, 9.0], [7.0, 7.0]],
+                "labels": [0, 0, 0, 1, 1, 1], "means": [[0.0, 0.3], [8.3, 8.3]],
+                "covariances": [[[0.7, 0.0], [0.0, 0.3]], [[0.9, 0.9], [0.9, 0.9]]]}
+    stats = geometry_statistics(geometry, malicious=[3, 4])
+    assert stats["root_side_ratio"] == 0.0 and stats["spread_ratio"] > 1
+    assert stats["fpr_if_two"] == 0.0 and stats["fnr_if_two"] == 0.0
+    assert decide(stats, bic_1=10.0, bic_2=5.0) == 2
+    assert decide(stats, bic_1=5.0, bic_2=10.0) == 1  # BIC prefers one component

@@ -653,3 +653,42 @@ def test_a_stray_near_a_collapsed_cluster_is_kept(monkeypatch):
     assert info["num_clusters"] == 2 and info["spread_ratio"] < sm.COLLAPSE_RATIO
     assert info["other_size"] == 21 and info["strays"] == [20]  # the mixture put the stray with them
     assert benign.tolist() == list(range(20, 100))
+
+
+def test_a_root_beside_collapsed_colluders_does_not_save_them():
+    """The root's mask lies between 8 honest clients and 2 identical attackers, nearer the
+    attackers (as in the 10-client Flower run): the mixture puts it with them. The collapsed
+    group is still the colluders': the default keeps the 8 honest clients, while keeping "the
+    root's component" (``criterion="ashman"``, the paper's reading) keeps the attackers."""
+    gen = torch.Generator().manual_seed(0)
+    d = 4000
+    honest_base = torch.rand(d, generator=gen) < 0.8
+    attack = honest_base ^ (torch.rand(d, generator=gen) < 0.3)
+
+    def noisy(base: torch.Tensor, p: float) -> torch.Tensor:
+        return base ^ (torch.rand(d, generator=gen) < p)
+
+    masks = torch.stack([*(noisy(honest_base, 0.1) for _ in range(8)), attack, attack, noisy(attack, 0.12)])
+    benign, info = sm.cluster_masks(masks)
+    labels = info["fit2"]["labels"]
+    assert labels[10] == labels[8] == labels[9] and (labels[:8] != labels[10]).all()  # root with the attackers
+    assert info["root_side_ratio"] < sm.COLLAPSE_RATIO and info["num_clusters"] == 2
+    assert benign.tolist() == list(range(8))
+    paper, _ = sm.cluster_masks(masks, criterion="ashman")
+    assert paper.tolist() == [8, 9]
+
+
+def test_a_root_side_stray_is_kept(monkeypatch):
+    """The root beside 20 coinciding attackers and one honest client the mixture put with them
+    from far away: the honest stray is kept, the collapsed core dropped."""
+    gen = torch.Generator().manual_seed(5)
+    honest = _clusters(torch.zeros(2), 1.0, 79, gen)
+    colluders = torch.tensor([[12.0, 0.0]], dtype=torch.float64).expand(20, 2)
+    stray = torch.tensor([[12.0, 3.0]], dtype=torch.float64)
+    root = torch.tensor([[10.0, 0.0]], dtype=torch.float64)
+    points = torch.cat([colluders, stray, honest, root])
+    monkeypatch.setattr(clustering, "pca_2d", lambda masks: points)
+    benign, info = sm.cluster_masks(torch.zeros(101, 3, dtype=torch.bool))
+    assert info["fit2"]["labels"][100] == info["fit2"]["labels"][0]  # the root joined the attackers
+    assert info["num_clusters"] == 2 and info["root_side_ratio"] < sm.COLLAPSE_RATIO
+    assert info["strays"] == [20] and benign.tolist() == list(range(20, 100))

@@ -36,3 +36,41 @@ def test_skymask_study_names_the_committed_files():
     folder = Path(__file__).resolve().parent.parent / "data" / "results" / "skymask"
     names = {f"{run_name(c)}.json" for c in study_configs("skymask")}
     assert names == {p.name for p in folder.glob("*.json")}
+
+
+def test_baselines_study_covers_the_issue_grid_once():
+    from skymask_lite import studies
+
+    configs = study_configs("baselines")
+    assert len({run_name(c) for c in configs}) == len(configs)
+    cells = {(c.attack, c.defense, c.seed) for c in configs}
+    for attack in studies.MAIN_ATTACKS:  # the main table, seed 0; three seeds for the paper's three rules
+        for defense in studies.MAIN_DEFENSES:
+            assert (attack, defense, 0) in cells
+        for defense in studies.SEEDED_DEFENSES:
+            assert {(attack, defense, s) for s in studies.SEEDS} <= cells
+    for attack in studies.DETECTION_ATTACKS:  # every selecting rule under every detection attack
+        assert {(attack, rule, 0) for rule in studies.DETECTION_RULES} <= cells
+    for defense in studies.COST_DEFENSES:  # the cost of defending: no attack, three seeds
+        assert {("none", defense, s) for s in studies.SEEDS} <= cells
+    for config in configs:
+        config.validate()
+        assert (config.num_clients, config.num_malicious, config.rounds) == (100, 20, 20)
+    assert configs[0].defense == "skymask"  # the paper's rule is computed first
+
+
+def test_shards_split_a_study_exactly():
+    from skymask_lite.studies import shard
+
+    configs = study_configs("baselines")
+    parts = [shard(configs, f"{k}/3") for k in (1, 2, 3)]
+    names = [run_name(c) for part in parts for c in part]
+    assert sorted(names) == sorted(run_name(c) for c in configs)
+    for bad in ("0/2", "3/2", "x", "1/2/3"):
+        with pytest.raises(ValueError, match="--shard"):
+            shard(configs, bad)
+
+
+def test_study_command_rejects_a_bad_shard_before_any_run(capsys):
+    assert main(["study", "baselines", "--out-dir", "/tmp", "--shard", "5/2"]) == 2
+    assert "--shard 5/2" in capsys.readouterr().err
