@@ -30,6 +30,7 @@ condition on ``n`` and ``f`` (e.g. LIE needs the attackers not to be a majority)
 from __future__ import annotations
 
 import math
+import time
 from functools import partial
 from statistics import NormalDist
 from typing import Any, Callable
@@ -37,11 +38,12 @@ from typing import Any, Callable
 import torch
 from torch import Tensor
 
-from .aggregation import Condition, check_options, context_parameters
+from .aggregation import Aggregation, Condition, check_options, context_parameters
 from .context import RoundContext
 
 __all__ = [
     "ATTACKS",
+    "AdaptiveSkyMask",
     "Attack",
     "Backdoor",
     "FANG_KRUM_CONDITION",
@@ -183,7 +185,9 @@ def spread_offsets(benign: Tensor, num_malicious: int, spread: float, generator:
 
 def _check_spread(spread: float) -> None:
     if not (isinstance(spread, (int, float)) and math.isfinite(spread) and spread >= 0):
-        raise ValueError(f"spread scales the attackers' per-row offsets and must be a finite number >= 0, got {spread!r}")
+        raise ValueError(
+            f"spread scales the attackers' per-row offsets and must be a finite number >= 0, got {spread!r}"
+        )
 
 
 # ----------------------------------------------------------------------------- Fang et al.
@@ -612,6 +616,129 @@ class ModelPoisoning(Attack):
         return out
 
 
+class AdaptiveSkyMask(Attack):
+    """An attack that knows SkyMask (not in the paper; the book's "beyond" chapter): Min-Max whose
+    ``gamma`` is the largest one that a SIMULATED SkyMask still keeps.
+
+    Threat model: the ``f`` attackers know SkyMask (``tau``, the mask-training schedule, the
+    clustering rule, all at the defense's defaults unless ``tau`` is given), the global model and
+    their own honest updates ``H`` (``[f, d]``, partial knowledge) and data; NOT the server's root
+    set nor the honest clients' updates. Each round they simulate the server's SkyMask
+    (:func:`~skymask_lite.skymask.skymask` itself) on their estimate of the round:
+
+    * clients: their own honest rows ``H`` (standing for the honest clients) and the candidate
+      rows ``m_i(gamma) = mean(H) - gamma * p + o_i`` (``p`` of :func:`perturbation_vector` on ``H``,
+      ``o_i`` of :func:`spread_offsets` with ``spread``, so that the rows do not collapse);
+    * root update: ``g0~ = mean(H) * median_i ||H_i|| / ||mean(H)||``. Why: the server's ``g0`` is one
+      update with a median client's number of steps on a class-balanced set; the union of the
+      attackers' data is closer to balanced than any single client's, so ``mean(H)`` gives the
+      direction, and a single client's norm the length (a plain mean would be shrunk by averaging
+      non-IID updates). It costs no training;
+    * root data: ``ctx.attacker_x, ctx.attacker_y`` (a sample of the attackers' own data, at most
+      ``root_size`` examples; :func:`skymask_lite.fl.attacker_sample`).
+
+    A candidate is accepted iff every row satisfies Min-Max's constraint on ``H`` (always applied:
+    it is the partial-knowledge Min-Max envelope, and bounds the search) AND the simulated SkyMask
+    keeps all ``f`` candidate rows. Search: ``gamma_mm`` = Min-Max's ``gamma`` for the spread rows
+    (:func:`agr_agnostic_gamma`); if ``gamma_mm`` is accepted it is the answer (1 simulated SkyMask
+    call), else :func:`gamma_search` from ``start = gamma_mm / 2`` with ``tol = gamma_mm / 2^(s+1)``
+    (``s = search_steps``), a bisection of ``[0, gamma_mm)`` in ``s`` tests: at most ``1 + s``
+    simulated SkyMask calls per round on ``2f`` client rows. If nothing is accepted the attackers send
+    ``mean(H) + o_i`` (``gamma = 0``). ``stats`` holds the last round's ``gamma``, ``gamma_min_max``,
+    ``calls``, ``trace`` (tested ``(gamma, accepted)`` pairs) and ``seconds``.
+    """
+
+    name = "adaptive_skymask"
+    needs_attacker_data = True
+
+    def __init__(
+        self, perturbation: str = "unit_vec", spread: float = 0.5, search_steps: int = 5, tau: float = 0.5
+    ) -> None:
+        if perturbation not in PERTURBATIONS:
+            raise ValueError(f"perturbation must be one of {list(PERTURBATIONS)}, got {perturbation!r}")
+        _check_spread(spread)
+        if not isinstance(search_steps, int) or search_steps < 0:
+            raise ValueError(
+                f"search_steps is the number of bisection tests and must be an int >= 0, got {search_steps!r}"
+            )
+        if not 0 < tau < 1:
+            raise ValueError(f"tau is SkyMask's mask threshold, in (0, 1); got {tau}")
+        self.perturbation, self.spread, self.search_steps, self.tau = perturbation, spread, search_steps, tau
+        self.stats: dict[str, Any] = {}
+
+    def require(self, num_clients: int, num_malicious: int) -> None:
+        """At least two attackers (or none): the spread and Min-Max's bound need two honest rows."""
+        if num_malicious == 1:
+            raise ValueError(
+                "the 'adaptive_skymask' attack needs at least 2 malicious clients (their own honest updates set "
+                "Min-Max's bound and the spread); got f=1. Use --num-malicious 2 or more"
+            )
+
+    @staticmethod
+    def surrogate_root(honest: Tensor) -> Tensor:
+        """``g0~ = mean(H) * median_i ||H_i|| / ||mean(H)||`` (see the class docstring), ``[d]``."""
+        mean = honest.mean(dim=0)
+        return mean * (torch.quantile(honest.norm(dim=1), 0.5) / mean.norm())
+
+    def simulate(self, honest: Tensor, rows: Tensor, ctx: RoundContext) -> Aggregation:
+        """The attackers' simulated SkyMask on ``[H; rows]`` with root ``g0~`` and their own data."""
+        from .skymask import skymask
+
+        if ctx.attacker_x is None or ctx.attacker_y is None:
+            raise ValueError(
+                "the 'adaptive_skymask' attack needs the attackers' own data (ctx.attacker_x, ctx.attacker_y); "
+                "build the round context with skymask_lite.fl.round_context(..., attacker_data=True)"
+            )
+        return skymask(
+            torch.cat([honest, rows]), net=ctx.net, global_params=ctx.global_params, root_x=ctx.attacker_x,
+            root_y=ctx.attacker_y, root_update=self.surrogate_root(honest), global_buffers=ctx.global_buffers,
+            tau=self.tau,
+        )
+
+    def kept_by_simulation(self, honest: Tensor, rows: Tensor, ctx: RoundContext) -> bool:
+        """Whether the simulated SkyMask keeps every candidate row (positions ``f .. 2f - 1``)."""
+        kept = set(self.simulate(honest, rows, ctx).kept.tolist())
+        return all(honest.shape[0] + i in kept for i in range(rows.shape[0]))
+
+    def __call__(self, updates: Tensor, ctx: RoundContext) -> Tensor:
+        if ctx.num_malicious == 0:
+            return updates
+        self.require(ctx.num_clients, ctx.num_malicious)
+        start = time.perf_counter()
+        mal = ctx.malicious.to(updates.device)
+        honest = updates[mal]  # H, [f, d]
+        p = perturbation_vector(honest, self.perturbation)
+        offsets = (
+            spread_offsets(honest, ctx.num_malicious, self.spread, ctx.generator)
+            if self.spread > 0 else torch.zeros_like(honest)
+        )
+        mean, in_envelope = honest.mean(dim=0), min_max_constraint(honest)
+        gamma_mm = agr_agnostic_gamma(honest, p, in_envelope, offsets if self.spread > 0 else None)
+        calls = 0
+
+        def accept(gamma: float) -> bool:  # Min-Max's constraint on every row, then the simulated SkyMask
+            nonlocal calls
+            rows = mean - gamma * p + offsets
+            if not in_envelope(rows):
+                return False
+            calls += 1
+            return self.kept_by_simulation(honest, rows, ctx)
+
+        trace = [(gamma_mm, accept(gamma_mm))]
+        if trace[0][1]:
+            gamma = gamma_mm
+        else:
+            gamma, more = gamma_search(accept, start=gamma_mm / 2, tol=gamma_mm / 2 ** (self.search_steps + 1))
+            trace += more
+        out = updates.clone()
+        out[mal] = mean - gamma * p + offsets
+        self.stats = {
+            "gamma": gamma, "gamma_min_max": gamma_mm, "calls": calls, "trace": trace,
+            "seconds": time.perf_counter() - start,
+        }
+        return out
+
+
 def _checked(cls: type[Attack]) -> Callable[..., Attack]:
     """Factory ``(**options) -> cls(**options)`` whose options are checked by the binder."""
 
@@ -634,6 +761,7 @@ ATTACKS: dict[str, Callable[..., Attack]] = {
     "min_max": partial(ModelPoisoning, "min_max", min_max),
     "min_sum": partial(ModelPoisoning, "min_sum", min_sum),
     "backdoor": _checked(Backdoor),
+    "adaptive_skymask": _checked(AdaptiveSkyMask),
 }
 
 

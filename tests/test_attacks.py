@@ -296,7 +296,7 @@ def test_backdoor_replaces_the_global_model_under_fedavg():
 # ----------------------------------------------------------------------------- attack objects
 
 
-@pytest.mark.parametrize("name", sorted(ATTACKS))
+@pytest.mark.parametrize("name", sorted(set(ATTACKS) - {"adaptive_skymask"}))  # needs a model: test_adaptive.py
 def test_attacks_change_only_malicious_rows(name):
     ctx, updates = round_context(n=12, f=3), benign_updates(nb=12, d=20)
     before = updates.clone()
