@@ -556,7 +556,9 @@ def run_round(
     defense: Callable[[torch.Tensor, RoundContext], Aggregation],
 ) -> dict[str, Any]:
     """One round: train, attack, aggregate, step, evaluate. Mutates ``state``; returns the
-    round's record ``{round, test_acc, kept, fpr, fnr, [asr], defense_info, seconds, timing}``.
+    round's record ``{round, test_acc, kept, fpr, fnr, [asr], defense_info, [attack_info], seconds, timing}``;
+    ``attack_info`` is the attack's ``stats`` of the round, for attacks that keep some
+    (:class:`~skymask_lite.attacks.AdaptiveSkyMask`).
 
     ``timing["clients"]`` includes the root update ``g0`` (trained next to the clients, see
     :func:`round_updates`); ``timing["defense"]`` is the rule alone. The attack does not see ``g0``.
@@ -576,6 +578,8 @@ def run_round(
     record: dict[str, Any] = {"round": state.round, **evaluate(fed, state, attack), "kept": agg.kept.tolist()}
     record.update(detection_rates(agg.kept, fed.malicious, fed.num_clients))
     record["defense_info"] = agg.stats
+    if getattr(attack, "stats", None) is not None:
+        record["attack_info"] = attack.stats
     t4 = time.perf_counter()
     record["seconds"] = t4 - t0
     record["timing"] = {"clients": t1 - t0, "attack": t2 - t1, "defense": t3 - t2, "eval": t4 - t3}

@@ -149,6 +149,8 @@ def test_runs_in_a_federation_against_skymask():
     assert [r["round"] for r in records] == [1, 2]
     assert all(0 <= r["fnr"] <= 1 and 0 <= r["fpr"] <= 1 for r in records)
     assert attack.stats["calls"] <= 3
+    assert records[-1]["attack_info"] == attack.stats and records[0]["attack_info"]["gamma"] >= 0
+    assert "attack_info" not in run_round(fed, state, make_attack("min_max"), make_defense("skymask"))
 
 
 def test_runs_from_the_command_line(tmp_path):
@@ -160,3 +162,4 @@ def test_runs_from_the_command_line(tmp_path):
     results = json.loads(out.read_text())
     assert results["config"]["attack"] == "adaptive_skymask"
     assert results["config"]["attack_options"] == {"search_steps": 2}
+    assert results["rounds"][0]["attack_info"]["calls"] <= 3
