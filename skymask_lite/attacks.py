@@ -13,7 +13,13 @@ client) that the attackers can see and returns what the ``f`` colluding attacker
 * :func:`fang_trim`, :func:`fang_krum` - full-knowledge attacks on Trimmed-Mean and Krum
   (Fang et al., USENIX Security 2020).
 * :func:`min_max`, :func:`min_sum` - AGR-agnostic attacks (Shejwalkar and Houmansadr, NDSS 2021),
-  with their ``gamma`` search exposed as :func:`agr_agnostic_gamma`.
+  with their ``gamma`` search exposed as :func:`agr_agnostic_gamma` (:func:`gamma_search` for any
+  acceptance test).
+
+``spread`` (Min-Max, Min-Sum, Fang-Trim, Fang-Krum; default 0, the papers' attacks): each attacker
+adds its own seeded offset (:func:`spread_offsets`) and every row still satisfies the attack's
+constraint, so the attackers do not send one identical row. :class:`AdaptiveSkyMask` is Min-Max
+against a simulated SkyMask (not in the paper).
 
 Data poisoning: :func:`flip_labels`, :func:`add_trigger` and the backdoor of Bagdasaryan et al.
 (AISTATS 2020), whose server-side step scales the attackers' updates by ``n / f``.
@@ -475,11 +481,13 @@ class Attack:
     """Honest behaviour; subclasses override what they change.
 
     ``target_class`` is set only by backdoor attacks; the simulator then measures the ASR with
-    :meth:`add_trigger`.
+    :meth:`add_trigger`. ``needs_attacker_data`` asks :func:`skymask_lite.fl.round_context` for the
+    attackers' own data (``ctx.attacker_x``, ``ctx.attacker_y``); only :class:`AdaptiveSkyMask` does.
     """
 
     name: str = "none"
     target_class: int | None = None
+    needs_attacker_data: bool = False
 
     def require(self, num_clients: int, num_malicious: int) -> None:
         """Raise a ``ValueError`` unless the attack can run with ``n`` clients, ``f`` of them
