@@ -58,6 +58,9 @@ class RoundContext:
         num_classes: ``L``.
         generator: a seeded :class:`torch.Generator` for this round's randomness
             (attacks' draws, FLAME's noise). On the CPU.
+        attacker_x, attacker_y: a seeded sample of the malicious clients' own local data (at most
+            as many examples as the root set), for attacks that simulate the server on their own
+            data (``needs_attacker_data``); ``None`` otherwise. Defences must not read them.
     """
 
     round: int
@@ -74,6 +77,8 @@ class RoundContext:
     global_lr: float = 2.0
     num_classes: int = 10
     generator: torch.Generator = field(default_factory=lambda: torch.Generator().manual_seed(0))
+    attacker_x: torch.Tensor | None = None
+    attacker_y: torch.Tensor | None = None
 
     @property
     def benign(self) -> torch.Tensor:

@@ -47,8 +47,9 @@ from .metrics import accuracy, attack_success_rate, detection_rates
 from .models import channels_last, flatten_params, float_buffers, load_flat, unflatten
 
 __all__ = [
-    "CLIENT_STREAM", "ENGINES", "POISON_STREAM", "ROOT_STREAM", "ROUND_STREAM", "SUBSET_STREAM", "Federation",
-    "LocalTrainingDiverged", "State", "check_local_training", "client_batches", "client_schedules", "derive_seed",
+    "ATTACKER_STREAM", "CLIENT_STREAM", "ENGINES", "POISON_STREAM", "ROOT_STREAM", "ROUND_STREAM", "SUBSET_STREAM",
+    "Federation", "LocalTrainingDiverged", "State", "attacker_sample", "check_local_training", "client_batches",
+    "client_schedules", "derive_seed",
     "evaluate", "initial_state", "local_sgd", "predict", "resolve_engine", "root_batches",
     "root_steps_like_clients", "round_context", "round_updates", "run_round", "server_step", "train_clients",
     "train_clients_batched", "train_clients_loop", "train_clients_parallel", "train_root",
@@ -60,6 +61,7 @@ ROUND_STREAM = 1  # the round's generator (attacks' draws, FLAME's noise): (seed
 ROOT_STREAM = 2  # the root update's batch order: (seed, t, ROOT_STREAM)
 POISON_STREAM = 3  # attacker i's data poisoning, once: (seed, 0, POISON_STREAM, i)
 SUBSET_STREAM = 4  # the training subset of Config.train_size, once: (seed, 0, SUBSET_STREAM)
+ATTACKER_STREAM = 5  # the attackers' sample of their own data (RoundContext.attacker_x), once: (seed, 0, 5)
 
 
 def derive_seed(seed: int, *keys: int) -> int:
@@ -485,10 +487,29 @@ def round_updates(
     return trained[:n], {name: b[:n] for name, b in buffers.items()}, g0
 
 
-def round_context(fed: Federation, state: State, root_update: torch.Tensor | None = None) -> RoundContext:
+def attacker_sample(fed: Federation) -> tuple[torch.Tensor, torch.Tensor]:
+    """A seeded sample of the malicious clients' own data, as many examples as the root set (or all
+    of theirs if fewer): what an attacker that simulates the server trains its masks on. Drawn once
+    per run from ``(seed, 0, ATTACKER_STREAM)``, so it is the same every round."""
+    if len(fed.malicious) == 0:
+        raise ValueError("attacker_sample needs malicious clients; the federation has none")
+    x = torch.cat([fed.client_data[i][0] for i in fed.malicious.tolist()])
+    y = torch.cat([fed.client_data[i][1] for i in fed.malicious.tolist()])
+    size = min(len(fed.root[1]), len(y))
+    chosen = torch.randperm(len(y), generator=torch.Generator().manual_seed(derive_seed(fed.seed, 0, ATTACKER_STREAM)))
+    chosen = chosen[:size].to(y.device)
+    return x[chosen], y[chosen]
+
+
+def round_context(
+    fed: Federation, state: State, root_update: torch.Tensor | None = None, attacker_data: bool = False
+) -> RoundContext:
     """What the attack and the defence of round ``state.round + 1`` may see (the one builder of a
-    :class:`~skymask_lite.context.RoundContext`; its generator is ``(seed, round, ROUND_STREAM)``)."""
+    :class:`~skymask_lite.context.RoundContext`; its generator is ``(seed, round, ROUND_STREAM)``).
+    ``attacker_data`` fills ``attacker_x, attacker_y`` with :func:`attacker_sample` (only for an
+    attack that declares ``needs_attacker_data``, and only when there are attackers)."""
     rnd = state.round + 1
+    attacker_x, attacker_y = attacker_sample(fed) if attacker_data and len(fed.malicious) else (None, None)
     return RoundContext(
         round=rnd,
         num_clients=fed.num_clients,
@@ -504,6 +525,8 @@ def round_context(fed: Federation, state: State, root_update: torch.Tensor | Non
         global_lr=fed.global_lr,
         num_classes=fed.num_classes,
         generator=torch.Generator().manual_seed(derive_seed(fed.seed, rnd, ROUND_STREAM)),
+        attacker_x=attacker_x,
+        attacker_y=attacker_y,
     )
 
 
@@ -533,7 +556,9 @@ def run_round(
     defense: Callable[[torch.Tensor, RoundContext], Aggregation],
 ) -> dict[str, Any]:
     """One round: train, attack, aggregate, step, evaluate. Mutates ``state``; returns the
-    round's record ``{round, test_acc, kept, fpr, fnr, [asr], defense_info, seconds, timing}``.
+    round's record ``{round, test_acc, kept, fpr, fnr, [asr], defense_info, [attack_info], seconds, timing}``;
+    ``attack_info`` is the attack's ``stats`` of the round, for attacks that keep some
+    (:class:`~skymask_lite.attacks.AdaptiveSkyMask`).
 
     ``timing["clients"]`` includes the root update ``g0`` (trained next to the clients, see
     :func:`round_updates`); ``timing["defense"]`` is the rule alone. The attack does not see ``g0``.
@@ -541,7 +566,7 @@ def run_round(
     t0 = time.perf_counter()
     updates, buffers, g0 = round_updates(fed, state, with_root_update=getattr(defense, "needs_root_update", False))
     t1 = time.perf_counter()
-    ctx = round_context(fed, state)
+    ctx = round_context(fed, state, attacker_data=getattr(attack, "needs_attacker_data", False))
     updates = attack(updates, ctx)
     if updates.shape[0] != fed.num_clients:
         raise RuntimeError(f"the attack returned {updates.shape[0]} updates; the server must receive {fed.num_clients}")
@@ -553,6 +578,8 @@ def run_round(
     record: dict[str, Any] = {"round": state.round, **evaluate(fed, state, attack), "kept": agg.kept.tolist()}
     record.update(detection_rates(agg.kept, fed.malicious, fed.num_clients))
     record["defense_info"] = agg.stats
+    if getattr(attack, "stats", None) is not None:
+        record["attack_info"] = attack.stats
     t4 = time.perf_counter()
     record["seconds"] = t4 - t0
     record["timing"] = {"clients": t1 - t0, "attack": t2 - t1, "defense": t3 - t2, "eval": t4 - t3}
