@@ -15,14 +15,92 @@ from __future__ import annotations
 import json
 import math
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterable
 
 import numpy as np
 import pandas as pd
 
 from .clustering import DEFAULT_THRESHOLD, _two_clusters, ashman_d, benign_side, read_partition
 
-__all__ = ["decide", "decision_rounds", "geometry_statistics", "setting_label"]
+__all__ = [
+    "SETTING_KEYS",
+    "decide",
+    "decision_rounds",
+    "geometry_statistics",
+    "round_table",
+    "run_table",
+    "setting_label",
+    "summarize_seeds",
+]
+
+
+SETTING_KEYS = ("attack", "defense", "seed", "num_clients", "num_malicious", "bias", "root_size", "root_bias")
+"""The config fields that tell the runs of a study apart (the columns that lead every table)."""
+
+
+def _setting(result: dict[str, Any]) -> dict[str, Any]:
+    config = result["config"]
+    return {key: config.get(key) for key in SETTING_KEYS}
+
+
+def run_table(results: Iterable[dict[str, Any]]) -> pd.DataFrame:
+    """One row per run (a results dict of :func:`~skymask_lite.experiments.run_experiment`).
+
+    Columns: :data:`SETTING_KEYS`; the final ``test_acc``, ``asr`` (NaN without a backdoor),
+    ``mean_fpr`` and ``mean_fnr`` over the rounds; ``collapsed`` (the round the model collapsed
+    in, NaN if it did not) and ``rounds`` run; and where it ran: ``engine`` (the resolved one
+    when the file records it, else the config's), ``device``,
+    ``threads`` and ``commit`` (the first 7 characters).
+    """
+    rows = []
+    for result in results:
+        final, env = result["final"], result.get("env", {})
+        collapsed = final.get("collapsed")
+        rows.append({
+            **_setting(result),
+            "test_acc": final["test_acc"],
+            "asr": final.get("asr", math.nan),
+            "mean_fpr": final.get("mean_fpr", math.nan),
+            "mean_fnr": final.get("mean_fnr", math.nan),
+            "collapsed": collapsed["round"] if collapsed else math.nan,
+            "rounds": final["rounds"],
+            "engine": env.get("engine") or result["config"].get("engine"),  # the one that ran, if recorded
+            "device": env.get("device"),
+            "threads": env.get("threads"),
+            "commit": (env.get("git_commit") or "")[:7],
+        })
+    return pd.DataFrame(rows)
+
+
+def round_table(results: Iterable[dict[str, Any]]) -> pd.DataFrame:
+    """One row per round of every run: :data:`SETTING_KEYS`, ``round``, ``test_acc``, ``fpr``,
+    ``fnr``, ``asr`` (NaN without a backdoor), ``kept`` (how many clients were kept) and the
+    server step's ``defense_seconds``."""
+    rows = []
+    for result in results:
+        setting = _setting(result)
+        for record in result["rounds"]:
+            rows.append({
+                **setting,
+                "round": record["round"],
+                "test_acc": record["test_acc"],
+                "fpr": record.get("fpr", math.nan),
+                "fnr": record.get("fnr", math.nan),
+                "asr": record.get("asr", math.nan),
+                "kept": len(record.get("kept", [])),
+                "defense_seconds": record.get("timing", {}).get("defense", math.nan),
+            })
+    return pd.DataFrame(rows)
+
+
+def summarize_seeds(table: pd.DataFrame, value: str, by: tuple[str, ...] = ("attack", "defense")) -> pd.DataFrame:
+    """Mean, minimum, maximum and number of seeds of ``value`` per group ``by`` of a
+    :func:`run_table` (the spread over seeds is ``max - min``)."""
+    missing = [key for key in (*by, value, "seed") if key not in table.columns]
+    if missing:
+        raise ValueError(f"the table has no column(s) {missing}; give a run_table() or round_table()")
+    grouped = table.groupby(list(by), sort=False)[value]
+    return grouped.agg(mean="mean", low="min", high="max", seeds="count").reset_index()
 
 
 def setting_label(config: dict[str, Any]) -> str:

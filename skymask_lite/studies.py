@@ -10,15 +10,19 @@ skips finished runs and resumes interrupted ones, so a long study can span sessi
 from __future__ import annotations
 
 import dataclasses
-from typing import Callable
+import json
+import os
+from pathlib import Path
+from typing import Any, Callable
 
-from .experiments import Config
+from .experiments import RESULTS_DIR, Config, run_name
 
 __all__ = [
     "STUDIES",
     "baselines_study",
     "decision_ashman_study",
     "decision_study",
+    "load_study",
     "shard",
     "skymask_study",
     "study_configs",
@@ -136,3 +140,24 @@ def shard(configs: list[Config], spec: str) -> list[Config]:
     if not 1 <= k <= m:
         raise ValueError(f"--shard {spec}: K must be between 1 and M, e.g. 1/2 or 2/2")
     return configs[k - 1 :: m]
+
+
+def load_study(name: str, folder: str | os.PathLike | None = None) -> tuple[list[dict[str, Any]], list[Config]]:
+    """The results files of study ``name`` in ``folder`` (default ``data/results/<name>/``):
+    ``(found, missing)``, the results dicts of the finished runs and the configs not run yet,
+    both in the study's order. A run counts wherever and however it was computed (engine and
+    device are not part of its name); a half-finished run (only its checkpoint) is missing."""
+    folder = Path(folder) if folder is not None else RESULTS_DIR / name
+    if not folder.is_dir():
+        raise FileNotFoundError(
+            f"{folder} is not a folder; compute the study with "
+            f"`python -m skymask_lite study {name} --out-dir {folder}`"
+        )
+    found, missing = [], []
+    for config in study_configs(name):
+        path = folder / f"{run_name(config)}.json"
+        if path.exists():
+            found.append(json.loads(path.read_text()))
+        else:
+            missing.append(config)
+    return found, missing

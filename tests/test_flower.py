@@ -146,6 +146,7 @@ def test_command_line_runs_on_flowers_simulation_engine(tmp_path, capsys):
     flower = json.loads(out.read_text())
     assert printed["test_acc"] == flower["final"]["test_acc"]
     assert flower["env"]["runtime"] == "flower" and flower["env"]["ray_cpus"] == 1
+    assert [(r["fpr"], r["fnr"]) for r in flower["rounds"]] == [(0.0, 0.0)] * 2  # the acceptance
     _same_rounds(flower, _simulator(Config(**flower["config"])))
 
 

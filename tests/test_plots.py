@@ -572,3 +572,58 @@ def test_every_plots_name_the_chapters_use_exists():
         used |= set(re.findall(r"\bplots\.(\w+)", code))
     assert used, "no notebook uses plots: the glob is wrong"
     assert sorted(name for name in used if not hasattr(plots, name)) == []
+
+
+def _grid(values, rows=("a", "b"), columns=("x", "y", "z")):
+    import pandas as pd
+
+    return pd.DataFrame(values, index=list(rows), columns=list(columns))
+
+
+def test_accuracy_grid_colours_the_drop_and_marks_missing_cells():
+    import numpy as np
+
+    table = _grid([[0.85, 0.80, float("nan")], [0.10, 0.845, 0.60]])
+    fig = plots.accuracy_grid(table, reference=0.85, title="t")
+    ax = fig.axes[0]
+    texts = [t.get_text() for t in ax.texts]
+    assert texts == ["85.0", "80.0", "·", "10.0", "84.5", "60.0"]
+    drop = np.ma.masked_invalid(ax.collections[0].get_array()).reshape(2, 3)
+    assert drop.mask[0, 2] and abs(drop[1, 0] - 75.0) < 1e-9  # points below the reference
+    norm = ax.collections[0].norm
+    assert norm(drop[0, 0]) != norm(drop[0, 1]) != norm(drop[1, 0])  # 0, 5 and 75 points: three colours
+    assert [t.get_text() for t in ax.get_yticklabels()] == ["a", "b"]
+    assert fig.get_size_inches()[0] <= plots.BOOK_WIDTH and _renders(fig)
+    with pytest.raises(ValueError, match="reference"):
+        plots.accuracy_grid(table, reference=85.0)
+
+
+def test_rate_grids_one_panel_per_rate_in_percent():
+    fpr = _grid([[0.0, 0.5, float("nan")], [1.0, 0.25, 0.0]])
+    fig = plots.rate_grids({"FPR": fpr, "FNR": 1 - fpr.fillna(0)}, title="t")
+    panels_ = [ax for ax in fig.axes if ax.get_title() in ("FPR", "FNR")]
+    assert len(panels_) == 2
+    assert [t.get_text() for t in panels_[0].texts] == ["0", "50", "·", "100", "25", "0"]
+    with pytest.raises(ValueError, match=r"\[0, 1\]"):
+        plots.rate_grids({"FPR": fpr * 100})
+    with pytest.raises(ValueError, match="empty"):
+        plots.rate_grids({})
+
+
+def test_seed_spread_and_round_bands_from_tables():
+    import pandas as pd
+
+    runs = pd.DataFrame({"attack": ["m", "m", "n", "n"] * 2, "defense": ["A"] * 4 + ["B"] * 4,
+                         "seed": [0, 1] * 4, "test_acc": [0.5, 0.7, 0.8, 0.8, 0.1, 0.3, 0.9, 0.7]})
+    fig = plots.seed_spread(runs)
+    ax = fig.axes[0]
+    heights = sorted(round(p.get_height(), 6) for p in ax.patches)
+    assert heights == [0.2, 0.6, 0.8, 0.8]  # the means of the two seeds
+    assert len(ax.collections) == 4 and _renders(fig)
+    rounds = pd.DataFrame({"defense": ["A"] * 4, "seed": [0, 0, 1, 1], "round": [1, 2, 1, 2],
+                           "test_acc": [0.2, 0.4, 0.4, 0.8]})
+    fig = plots.round_bands(rounds)
+    [line] = fig.axes[0].lines
+    assert list(line.get_ydata()) == pytest.approx([0.3, 0.6])
+    with pytest.raises(ValueError, match="round_table"):
+        plots.round_bands(rounds.drop(columns="round"))

@@ -17,11 +17,12 @@ Fixed colours, the same in every figure:
   ``LINESTYLES[k % 4]``, so curves that coincide stay visible.
 
 Modules, in chapter order: ``style``, ``data`` (chapter 1), ``attacks`` (2), ``defenses`` (3),
-``masks`` (4), ``gmm`` (5). Every public name is importable from ``skymask_lite.plots``.
+``masks`` (4), ``gmm`` (5), ``baselines`` (SkyMask against every baseline). Every public name is importable from ``skymask_lite.plots``.
 """
 
 from __future__ import annotations
 
+from .baselines import ACCURACY_DROP_BINS, accuracy_grid, rate_grids, round_bands, seed_spread
 from .attacks import coordinate_ranges, gamma_search, image_rows, role_strips, update_pca
 from .data import accuracy_curves, example_images, label_heatmap
 from .defenses import client_scatter, client_scores, detection_bars, metric_heatmap
@@ -32,7 +33,9 @@ from .style import *  # noqa: F403  (the colours, sizes, panels and set_style)
 
 __all__ = [
     *style.__all__,
+    "ACCURACY_DROP_BINS",
     "accuracy_curves",
+    "accuracy_grid",
     "client_layer_heatmap",
     "client_scatter",
     "client_scores",
@@ -47,6 +50,9 @@ __all__ = [
     "mask_heatmaps",
     "mask_pca",
     "metric_heatmap",
+    "rate_grids",
     "role_strips",
+    "round_bands",
+    "seed_spread",
     "update_pca",
 ]
