@@ -196,3 +196,18 @@ def test_the_attack_wrapper_works_around_flowers_own_krum():
     assert len(ours.records[0]["kept"]) == 1
     # ours: w + 1.0 * U_j; Flower's Krum: the selected client's weights w_j = w + U_j
     assert torch.allclose(from_arrays(mine.arrays, fed.net)[0], from_arrays(theirs.arrays, fed.net)[0], atol=1e-6)
+
+
+def test_provenance_is_read_before_the_first_round(monkeypatch):
+    """The code version a Flower run records is the one it started with (a commit made while it
+    runs must not be credited with it)."""
+    from skymask_lite.flower import apps
+
+    events = []
+    environment, aggregate = apps.environment, DefenseStrategy.aggregate_train
+    monkeypatch.setattr(apps, "environment", lambda device: events.append("env") or environment(device))
+    monkeypatch.setattr(DefenseStrategy, "aggregate_train",
+                        lambda self, *a, **k: events.append("round") or aggregate(self, *a, **k))
+    config = Config(attack="none", defense="fedavg", **{**SMALL, "rounds": 1})
+    results = serve(LocalGrid(config.num_clients), config)
+    assert events == ["env", "round"] and results["env"]["wall_seconds"] > 0

@@ -175,6 +175,7 @@ def serve(grid: Grid, config: Config, fraction_train: float = 1.0) -> dict[str, 
     )
     outer = AttackWrapper(strategy, attack, fed) if modifies_updates(attack) else strategy
     state = initial_state(fed)
+    env = environment(config.device)  # the code's version as the run starts, not as it ends
     outer.start(
         grid=grid,
         initial_arrays=to_arrays(state.params, state.buffers, fed.net),
@@ -182,7 +183,6 @@ def serve(grid: Grid, config: Config, fraction_train: float = 1.0) -> dict[str, 
         train_config=ConfigRecord({CONFIG_KEY: json.dumps(config.to_dict())}),
         evaluate_fn=strategy.evaluate_global,
     )
-    env = environment(config.device)
     env.update(wall_seconds=time.perf_counter() - started, runtime="flower", flwr_version=flwr.__version__)
     return {
         "config": config.to_dict(),
