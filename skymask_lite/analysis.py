@@ -74,11 +74,14 @@ def run_table(results: Iterable[dict[str, Any]]) -> pd.DataFrame:
 
 def round_table(results: Iterable[dict[str, Any]]) -> pd.DataFrame:
     """One row per round of every run: :data:`SETTING_KEYS`, ``round``, ``test_acc``, ``fpr``,
-    ``fnr``, ``asr`` (NaN without a backdoor), ``kept`` (how many clients were kept) and the
-    server step's ``defense_seconds``."""
+    ``fnr``, ``asr`` (NaN without a backdoor), ``kept`` (how many clients were kept), the
+    server step's ``defense_seconds``, and the run's ``engine`` and ``device`` (as in
+    :func:`run_table`: the same kept clients give the same model only on the same engine)."""
     rows = []
     for result in results:
         setting = _setting(result)
+        env = result.get("env", {})
+        engine, device = env.get("engine") or result["config"].get("engine"), env.get("device")
         for record in result["rounds"]:
             rows.append({
                 **setting,
@@ -89,6 +92,8 @@ def round_table(results: Iterable[dict[str, Any]]) -> pd.DataFrame:
                 "asr": record.get("asr", math.nan),
                 "kept": len(record.get("kept", [])),
                 "defense_seconds": record.get("timing", {}).get("defense", math.nan),
+                "engine": engine,
+                "device": device,
             })
     return pd.DataFrame(rows)
 

@@ -37,7 +37,7 @@ DEFAULT_THRESHOLD = {"collapse_or_ashman": 8.0, "ashman": 8.0, "bic_margin": 0.2
 
 COLLAPSE_RATIO = 0.1
 """``"collapse_or_ashman"``: the other component counts as collapsed when its robust spread is
-below this share of the root component's (see :func:`robust_spread`); calibrated on seed 0 of
+below this share of the root component's (see :func:`~skymask_lite.clustering.robust_spread`); calibrated on seed 0 of
 the decision study (``data/results/decision/``, chapter "Is there an attack?")."""
 
 CORE_RADIUS = 0.5
@@ -126,7 +126,7 @@ def read_partition(points: np.ndarray, labels: np.ndarray, root: int) -> dict[st
     """What the 2-component partition ``labels`` of ``points`` ``[k, 2]`` says about collapse.
 
     ``inside``: the rows of the root's component (the root included); ``other_size``: the clients
-    outside it; ``spread_ratio``: the other component's :func:`robust_spread` over the root
+    outside it; ``spread_ratio``: the other component's :func:`~skymask_lite.clustering.robust_spread` over the root
     component's (root included; ``inf`` if the other component is empty); ``root_side_ratio``: the
     root component's CLIENTS' robust spread (the root left out) over the other component's
     (``inf`` unless at least two clients share the root's component).
@@ -151,9 +151,9 @@ def read_partition(points: np.ndarray, labels: np.ndarray, root: int) -> dict[st
 def benign_side(points: np.ndarray, partition: dict[str, Any], root: int) -> tuple[np.ndarray, list[int]]:
     """The rows ``collapse_or_ashman`` keeps once it has chosen two clusters, and its strays.
 
-    A collapsed component (:data:`COLLAPSE_RATIO`) is the colluders': if it is the other one, the
+    A collapsed component (``COLLAPSE_RATIO``) is the colluders': if it is the other one, the
     root's component is kept; if the root's own clients collapsed (``root_side_ratio``), the
-    OTHER component is kept. Either way the collapsed group's strays (:func:`collapsed_strays`,
+    OTHER component is kept. Either way the collapsed group's strays (:func:`~skymask_lite.clustering.collapsed_strays`,
     measured against the kept component's spread) are kept too. No collapse: the root's component.
     """
     inside = partition["inside"]
@@ -225,10 +225,10 @@ def cluster_masks(
         root_index: the root's row (default: last).
         criterion: "collapse_or_ashman" (the default: BIC prefers 2, the other component of the
             2-component fit holds at least 2 clients, and it is either collapsed, its
-            :func:`robust_spread` below ``COLLAPSE_RATIO`` times the root component's, or
+            :func:`~skymask_lite.clustering.robust_spread` below ``COLLAPSE_RATIO`` times the root component's, or
             apart, Ashman's D > threshold, default 8; or BIC prefers 2 and the CLIENTS of the
             root's component collapsed, ``root_side_ratio`` below ``COLLAPSE_RATIO``, in which
-            case the other component is kept: see :func:`read_partition`), "ashman" (BIC prefers 2 and D > threshold),
+            case the other component is kept: see :func:`~skymask_lite.clustering.read_partition`), "ashman" (BIC prefers 2 and D > threshold),
             "bic_margin" (``(BIC1 - BIC2) / |BIC1| > threshold``, default 0.2), "bic" (BIC prefers 2)
             or "always" (two clusters, as in the authors' code).
         threshold: overrides the criterion's default (``DEFAULT_THRESHOLD``).
@@ -240,7 +240,7 @@ def cluster_masks(
         ``fit2`` (the same for the 2-component mixture); ``bic`` ``{1: ., 2: .}``; ``ashman_d``;
         ``relative_bic_margin``; ``other_size`` and ``spread_ratio`` (the 2-component fit's
         non-root component: its number of clients and robust spread over the root component's);
-        ``root_side_ratio`` (:func:`read_partition`);
+        ``root_side_ratio`` (:func:`~skymask_lite.clustering.read_partition`);
         ``strays`` (rows of a collapsed component farther than ``CORE_RADIUS`` from its
         core, kept as benign);
         ``num_clusters``; ``root_label``; ``criterion``; ``threshold``.

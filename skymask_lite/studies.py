@@ -89,12 +89,12 @@ def baselines_study() -> list[Config]:
 
     In the order the chapter needs them:
 
-    1. the main table, seed 0: :data:`MAIN_DEFENSES` x :data:`MAIN_ATTACKS`, the paper's three
-       (SkyMask, FLTrust, FedAvg) first (:data:`COMPUTE_ORDER`);
+    1. the main table, seed 0: ``MAIN_DEFENSES`` x ``MAIN_ATTACKS``, the paper's three
+       (SkyMask, FLTrust, FedAvg) first (``COMPUTE_ORDER``);
     2. the detection table's two pure detectors (Tolpegin, FLDetector) under
-       :data:`DETECTION_ATTACKS`, seed 0 (the other rules of :data:`DETECTION_RULES` are in 1);
+       ``DETECTION_ATTACKS``, seed 0 (the other rules of ``DETECTION_RULES`` are in 1);
     3. seeds 1 and 2 of FedAvg, FLTrust and SkyMask under every attack of the main table;
-    4. seeds 1 and 2 of the other rules of :data:`COST_DEFENSES` without attack.
+    4. seeds 1 and 2 of the other rules of ``COST_DEFENSES`` without attack.
     """
     base = Config(num_malicious=20, rounds=20)
     configs = [dataclasses.replace(base, attack=a, defense=d) for d in COMPUTE_ORDER for a in MAIN_ATTACKS]

@@ -74,6 +74,7 @@ def test_run_and_round_tables_and_the_seed_summary():
     rounds = round_table(runs)
     assert len(rounds) == 5 and rounds["round"].tolist() == [1, 2, 1, 2, 1]
     assert rounds.kept.tolist() == [2] * 5 and rounds.defense_seconds.tolist() == [0.5] * 5
+    assert set(rounds.engine) == {"parallel"}
     summary = summarize_seeds(table, "test_acc").set_index(["attack", "defense"])
     row = summary.loc[("min_max", "skymask")]
     assert row["mean"] == pytest.approx(0.8) and (row.low, row.high, row.seeds) == (0.7, 0.9, 2)

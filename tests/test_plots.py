@@ -615,11 +615,15 @@ def test_seed_spread_and_round_bands_from_tables():
 
     runs = pd.DataFrame({"attack": ["m", "m", "n", "n"] * 2, "defense": ["A"] * 4 + ["B"] * 4,
                          "seed": [0, 1] * 4, "test_acc": [0.5, 0.7, 0.8, 0.8, 0.1, 0.3, 0.9, 0.7]})
-    fig = plots.seed_spread(runs)
+    fig = plots.seed_spread(runs, colors={"A": "#123456"})
     ax = fig.axes[0]
-    heights = sorted(round(p.get_height(), 6) for p in ax.patches)
-    assert heights == [0.2, 0.6, 0.8, 0.8]  # the means of the two seeds
-    assert len(ax.collections) == 4 and _renders(fig)
+    from matplotlib.collections import LineCollection, PathCollection
+
+    means = sorted(round(float(c.get_segments()[0][0][1]), 6) for c in ax.collections if isinstance(c, LineCollection))
+    assert means == [0.2, 0.6, 0.8, 0.8]  # the means of the two seeds, one bar per (attack, rule)
+    dots = [c for c in ax.collections if isinstance(c, PathCollection)]
+    assert sorted(float(y) for c in dots for _, y in c.get_offsets()) == sorted(runs.test_acc)
+    assert [t.get_text() for t in ax.get_legend().get_texts()] == ["A", "B"] and _renders(fig)
     rounds = pd.DataFrame({"defense": ["A"] * 4, "seed": [0, 0, 1, 1], "round": [1, 2, 1, 2],
                            "test_acc": [0.2, 0.4, 0.4, 0.8]})
     fig = plots.round_bands(rounds)

@@ -45,7 +45,7 @@ def accuracy_grid(
     title: str | None = None,
 ) -> Figure:
     """Final accuracy per row (attack) and column (rule), annotated in percent, coloured by the
-    drop below ``reference`` in percentage points, binned by :data:`ACCURACY_DROP_BINS` so that
+    drop below ``reference`` in percentage points, binned by ``ACCURACY_DROP_BINS`` so that
     a one-point loss and a collapse look different. NaN cells (not run) are grey with a dot.
     """
     values = _check_table(accuracy, "accuracy")
@@ -110,10 +110,13 @@ def seed_spread(
     series: str = "defense",
     order: Sequence[str] | None = None,
     labels: Mapping[str, str] | None = None,
+    colors: Mapping[str, str] | None = None,
     title: str | None = None,
 ) -> Figure:
-    """Every seed's ``value`` as a dot and the mean as a bar, per ``group`` (x) and ``series``
-    (one colour each), from a run table (:func:`~skymask_lite.analysis.run_table`)."""
+    """Every seed's ``value`` as a dot and their mean as a horizontal bar, per ``group`` (x) and
+    ``series`` (one colour each, side by side), from a run table
+    (:func:`~skymask_lite.analysis.run_table`). The y axis spans the values, not [0, 1], so
+    that the spread between seeds stays visible."""
     missing = [c for c in (value, group, series) if c not in table.columns]
     if missing:
         raise ValueError(f"the table has no column(s) {missing}; give a run_table()")
@@ -123,19 +126,24 @@ def seed_spread(
     width = 0.8 / len(names)
     fig, (ax,) = panels(title=title, width=BOOK_WIDTH)
     for k, name in enumerate(names):
-        style = series_style(k, labels.get(name, name))
-        x0 = np.arange(len(groups)) + (k - (len(names) - 1) / 2) * width
+        label = labels.get(name, name)
+        color = series_style(k, label, colors)["color"]
         rows = table[table[series] == name]
-        means = [rows.loc[rows[group] == g, value].mean() for g in groups]
-        ax.bar(x0, means, width * 0.9, color=style["color"], alpha=0.45, label=labels.get(name, name))
-        for x, g in zip(x0, groups):
+        for j, g in enumerate(groups):
             points = rows.loc[rows[group] == g, value].to_numpy(dtype=float)
-            ax.scatter(np.full(len(points), x), points, s=14, color=style["color"], edgecolor="black", linewidth=0.4,
+            if len(points) == 0:
+                continue
+            x = j + (k - (len(names) - 1) / 2) * width
+            ax.hlines(points.mean(), x - 0.42 * width, x + 0.42 * width, color=color, linewidth=2.5,
+                      label=label if j == 0 or label not in ax.get_legend_handles_labels()[1] else None)
+            ax.scatter(np.full(len(points), x), points, s=16, color=color, edgecolor="black", linewidth=0.4,
                        zorder=3)
     ax.set_xticks(np.arange(len(groups)), [labels.get(g, g) for g in groups], rotation=30, ha="right")
+    for j in range(1, len(groups)):
+        ax.axvline(j - 0.5, color="#dddddd", linewidth=0.8)
     ax.set_ylabel(METRIC_LABELS.get(value, value))
     ax.grid(axis="x", visible=False)
-    ax.legend(ncols=min(len(names), 4), loc="lower left", fontsize=SMALL_FONT)
+    ax.legend(ncols=min(len(names), 4), loc="best", fontsize=SMALL_FONT)
     return fig
 
 
