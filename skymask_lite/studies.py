@@ -19,6 +19,7 @@ from .experiments import RESULTS_DIR, Config, run_name
 
 __all__ = [
     "STUDIES",
+    "adaptive_study",
     "baselines_study",
     "decision_ashman_study",
     "decision_study",
@@ -114,11 +115,38 @@ def baselines_study() -> list[Config]:
     return configs
 
 
+ADAPTIVE_ATTACKS = (
+    ("adaptive_skymask", {}),
+    ("min_max", {"spread": 0.5}),
+    ("min_max", {}),
+)
+ADAPTIVE_DEFENSES = ("skymask", "fltrust", "tolpegin", "flame", "multi_krum", "median")
+ADAPTIVE_SHARES = (20, 40)
+
+
+def adaptive_study() -> list[Config]:
+    """Attackers who know SkyMask (the chapter "Can an attacker fool the masks?"): 100 clients,
+    20 rounds, the book's recipe; ``adaptive_skymask`` (default options), Min-Max whose attackers
+    each add their own offset (``spread=0.5``, the same offsets as the adaptive attack) and
+    colluding Min-Max (the reference), with 20 and 40 malicious clients, against
+    ``ADAPTIVE_DEFENSES``, seeds 0-2. Computed seed by seed, 20% before 40%, the adaptive attack
+    and its non-colluding reference first."""
+    base = Config(rounds=20)
+    return [
+        dataclasses.replace(base, attack=attack, attack_options=options, defense=defense, num_malicious=f, seed=seed)
+        for seed in SEEDS
+        for f in ADAPTIVE_SHARES
+        for defense in ADAPTIVE_DEFENSES
+        for attack, options in ADAPTIVE_ATTACKS
+    ]
+
+
 STUDIES: dict[str, Callable[[], list[Config]]] = {
     "decision": decision_study,
     "decision_ashman": decision_ashman_study,
     "skymask": skymask_study,
     "baselines": baselines_study,
+    "adaptive": adaptive_study,
 }
 """Study name -> its configs (each study's folder is ``data/results/<name>/``)."""
 

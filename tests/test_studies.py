@@ -74,3 +74,19 @@ def test_shards_split_a_study_exactly():
 def test_study_command_rejects_a_bad_shard_before_any_run(capsys):
     assert main(["study", "baselines", "--out-dir", "/tmp", "--shard", "5/2"]) == 2
     assert "--shard 5/2" in capsys.readouterr().err
+
+
+def test_adaptive_study_pairs_each_attack_with_its_references():
+    from skymask_lite import studies
+
+    configs = study_configs("adaptive")
+    assert len({run_name(c) for c in configs}) == len(configs) == 3 * 2 * 6 * 3
+    cells = {(c.attack, tuple(sorted(c.attack_options.items())), c.defense, c.num_malicious, c.seed) for c in configs}
+    for attack, options in studies.ADAPTIVE_ATTACKS:
+        for defense in studies.ADAPTIVE_DEFENSES:
+            for f in studies.ADAPTIVE_SHARES:
+                assert {(attack, tuple(sorted(options.items())), defense, f, s) for s in studies.SEEDS} <= cells
+    for config in configs:
+        config.validate()
+    assert configs[0].attack == "adaptive_skymask" and configs[0].defense == "skymask"
+    assert (configs[0].seed, configs[0].num_malicious) == (0, 20)
