@@ -24,7 +24,10 @@ __all__ = [
     "decision_ashman_study",
     "decision_study",
     "load_study",
+    "root_study",
+    "scale_study",
     "shard",
+    "share_study",
     "skymask_study",
     "study_configs",
 ]
@@ -141,12 +144,75 @@ def adaptive_study() -> list[Config]:
     ]
 
 
+SHARE_FRACTIONS = (20, 40, 60, 80)
+SHARE_ATTACKS = ("min_max", "fang_trim", "min_sum")
+SHARE_DEFENSES = ("fedavg", "median", "fltrust", "skymask")
+SCALE_CLIENTS = (200, 500)
+ROOT_SIZES = (50, 100, 200)
+ROOT_BIASES = (None, 0.5, 0.9)
+
+
+def _valid(config: Config) -> bool:
+    """Whether the config passes its checks (a rule's robustness condition included)."""
+    try:
+        config.validate()
+    except ValueError:
+        return False
+    return True
+
+
+def share_study() -> list[Config]:
+    """The attacker share (the chapter "Stress tests"): 20, 40, 60 and 80 of 100 clients
+    malicious, under Min-Max, Fang-Trim and Min-Sum, against FedAvg, the median, FLTrust and
+    SkyMask; 20 rounds, seed 0. Pairs a rule's own condition excludes (the median needs an
+    honest majority) are left out: the chapter shows them as not applicable."""
+    base = Config(rounds=20)
+    configs = [
+        dataclasses.replace(base, attack=a, defense=d, num_malicious=f)
+        for f in SHARE_FRACTIONS
+        for d in ("skymask", "fltrust", "fedavg", "median")
+        for a in SHARE_ATTACKS
+    ]
+    return [c for c in configs if _valid(c)]
+
+
+def scale_study() -> list[Config]:
+    """Scale (the chapter "Stress tests"): 200 and 500 clients, 20% of them malicious, under every
+    attack of the detection table, against SkyMask and FLTrust; 20 rounds, seed 0. The round
+    records hold the server step's time (``timing["defense"]``)."""
+    base = Config(rounds=20)
+    return [
+        dataclasses.replace(base, attack=a, defense=d, num_clients=n, num_malicious=n // 5)
+        for n in SCALE_CLIENTS
+        for d in ("skymask", "fltrust")
+        for a in DETECTION_ATTACKS
+    ]
+
+
+def root_study() -> list[Config]:
+    """The root set (the chapter "Stress tests"): root sizes 50, 100 and 200 (uniform) and root
+    bias p = 0.5 and 0.9 (size 100; ``None`` is uniform, the default), under Min-Max and without
+    attack, against SkyMask and FLTrust; 100 clients, 20 of them malicious, 20 rounds, seed 0."""
+    base = Config(num_malicious=20, rounds=20)
+    settings = [{"root_size": size} for size in ROOT_SIZES]
+    settings += [{"root_bias": p} for p in ROOT_BIASES if p is not None]
+    return [
+        dataclasses.replace(base, **setting, attack=a, defense=d)
+        for setting in settings
+        for d in ("skymask", "fltrust")
+        for a in ("min_max", "none")
+    ]
+
+
 STUDIES: dict[str, Callable[[], list[Config]]] = {
     "decision": decision_study,
     "decision_ashman": decision_ashman_study,
     "skymask": skymask_study,
     "baselines": baselines_study,
     "adaptive": adaptive_study,
+    "share": share_study,
+    "scale": scale_study,
+    "root": root_study,
 }
 """Study name -> its configs (each study's folder is ``data/results/<name>/``)."""
 

@@ -90,3 +90,40 @@ def test_adaptive_study_pairs_each_attack_with_its_references():
         config.validate()
     assert configs[0].attack == "adaptive_skymask" and configs[0].defense == "skymask"
     assert (configs[0].seed, configs[0].num_malicious) == (0, 20)
+
+
+@pytest.mark.parametrize("name", ["share", "scale", "root"])
+def test_stress_studies_are_valid_and_named_once(name):
+    configs = study_configs(name)
+    assert configs and len({run_name(c) for c in configs}) == len(configs)
+    for config in configs:
+        config.validate()
+        assert config.rounds == 20 and config.seed == 0
+
+
+def test_share_study_leaves_out_only_what_a_rule_forbids():
+    from skymask_lite import studies
+    from skymask_lite.defenses import make_defense
+
+    cells = {(c.attack, c.defense, c.num_malicious) for c in study_configs("share")}
+    for f in studies.SHARE_FRACTIONS:
+        for defense in studies.SHARE_DEFENSES:
+            allowed = True
+            try:
+                make_defense(defense).require(100, f)
+            except ValueError:
+                allowed = False
+            for attack in studies.SHARE_ATTACKS:
+                assert ((attack, defense, f) in cells) == allowed
+    assert ("min_max", "median", 60) not in cells and ("min_max", "skymask", 80) in cells
+
+
+def test_scale_and_root_studies_cover_their_settings():
+    from skymask_lite import studies
+
+    scale = study_configs("scale")
+    assert {(c.num_clients, c.num_malicious) for c in scale} == {(n, n // 5) for n in studies.SCALE_CLIENTS}
+    assert {c.attack for c in scale} == set(studies.DETECTION_ATTACKS)
+    root = study_configs("root")
+    assert {c.root_size for c in root} == set(studies.ROOT_SIZES)
+    assert {c.root_bias for c in root} == set(studies.ROOT_BIASES)
