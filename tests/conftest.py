@@ -15,3 +15,26 @@ def fmnist():
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+@pytest.fixture
+def interrupt_round(monkeypatch):
+    """``restore = interrupt_round(k)``: the runner's ``k``-th round raises ``KeyboardInterrupt``
+    (a run killed mid-way); ``restore()`` puts the real round back."""
+    from skymask_lite import experiments
+
+    real = experiments.run_round
+
+    def arm(k: int):
+        calls = []
+
+        def crash(*args):
+            calls.append(1)
+            if len(calls) == k:
+                raise KeyboardInterrupt
+            return real(*args)
+
+        monkeypatch.setattr(experiments, "run_round", crash)
+        return lambda: monkeypatch.setattr(experiments, "run_round", real)
+
+    return arm

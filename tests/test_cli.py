@@ -143,20 +143,14 @@ def test_a_collapse_under_attack_exits_0_with_a_notice(tmp_path, capsys):
     assert json.loads(captured.out)["collapsed"] == json.loads(out.read_text())["final"]["collapsed"]
 
 
-def test_a_checkpoint_of_another_commit_is_refused_and_no_resume_restarts(tmp_path, monkeypatch, capsys):
+def test_a_checkpoint_of_another_commit_is_refused_and_no_resume_restarts(
+    tmp_path, monkeypatch, capsys, interrupt_round
+):
     out = tmp_path / "r.json"
-    real_round, calls = experiments.run_round, []
-
-    def crash_on_second(*args):
-        calls.append(1)
-        if len(calls) == 2:
-            raise KeyboardInterrupt
-        return real_round(*args)
-
-    monkeypatch.setattr(experiments, "run_round", crash_on_second)
+    restore = interrupt_round(2)
     with pytest.raises(KeyboardInterrupt):
         main(["run", *TINY, "--out", str(out)])
-    monkeypatch.setattr(experiments, "run_round", real_round)
+    restore()
     real_version = experiments.code_version
     monkeypatch.setattr(experiments, "code_version", lambda: {**real_version(), "git_commit": "0" * 40})
     assert main(["run", *TINY, "--out", str(out)]) == 2

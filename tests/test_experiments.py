@@ -34,19 +34,11 @@ def test_same_seed_same_results_other_seed_other_results():
     assert strip(a) != strip(c)
 
 
-def test_interrupted_run_resumes_to_the_same_result(tmp_path, monkeypatch):
+def test_interrupted_run_resumes_to_the_same_result(tmp_path, interrupt_round):
     config = Config(rounds=3, **{k: v for k, v in TINY.items() if k != "rounds"})
     straight = run_experiment(config, progress=False)
-    real_round, calls = experiments.run_round, []
-
-    def crash_on_third(*args):
-        calls.append(1)
-        if len(calls) == 3:
-            raise KeyboardInterrupt
-        return real_round(*args)
-
     out = tmp_path / "run.json"
-    monkeypatch.setattr(experiments, "run_round", crash_on_third)
+    restore = interrupt_round(3)
     first_started = time.perf_counter()
     with pytest.raises(KeyboardInterrupt):
         run_experiment(config, out, progress=False)
@@ -54,7 +46,7 @@ def test_interrupted_run_resumes_to_the_same_result(tmp_path, monkeypatch):
     assert out.with_suffix(".ckpt.pt").exists() and not out.exists()
     ckpt = torch.load(out.with_suffix(".ckpt.pt"), weights_only=False)
     assert len(ckpt["records"]) == 2 and ckpt["sessions"] == 1
-    monkeypatch.setattr(experiments, "run_round", real_round)
+    restore()
     second_started = time.perf_counter()
     resumed = run_experiment(config, out, progress=False)
     second_session = time.perf_counter() - second_started
@@ -259,21 +251,6 @@ def test_a_grid_goes_on_after_a_collapse(tmp_path, monkeypatch):
     assert "collapsed" in first["final"] and "collapsed" not in second["final"] and len(second["rounds"]) == 2
 
 
-def _interrupt_after_one_round(config, out, monkeypatch):
-    real_round, calls = experiments.run_round, []
-
-    def crash_on_second(*args):
-        calls.append(1)
-        if len(calls) == 2:
-            raise KeyboardInterrupt
-        return real_round(*args)
-
-    monkeypatch.setattr(experiments, "run_round", crash_on_second)
-    with pytest.raises(KeyboardInterrupt):
-        run_experiment(config, out, progress=False)
-    monkeypatch.setattr(experiments, "run_round", real_round)
-
-
 def test_the_code_version_is_in_the_checkpoint_from_the_start(tmp_path, monkeypatch):
     out = tmp_path / "r.json"
     monkeypatch.setattr(experiments, "run_round", lambda *a: (_ for _ in ()).throw(KeyboardInterrupt))
@@ -283,9 +260,12 @@ def test_the_code_version_is_in_the_checkpoint_from_the_start(tmp_path, monkeypa
     assert ckpt["code"] == experiments.code_version() and ckpt["records"] == []
 
 
-def test_a_checkpoint_of_another_commit_is_refused_before_any_compute(tmp_path, monkeypatch):
+def test_a_checkpoint_of_another_commit_is_refused_before_any_compute(tmp_path, monkeypatch, interrupt_round):
     config, out = Config(**TINY), tmp_path / "r.json"
-    _interrupt_after_one_round(config, out, monkeypatch)
+    restore = interrupt_round(2)
+    with pytest.raises(KeyboardInterrupt):
+        run_experiment(config, out, progress=False)
+    restore()
     real_version = experiments.code_version
     monkeypatch.setattr(experiments, "code_version", lambda: {**real_version(), "git_commit": "f" * 40})
     monkeypatch.setattr(experiments, "load_dataset", lambda *a, **k: pytest.fail("loaded data"))
