@@ -148,7 +148,7 @@ def decide(stats: dict[str, Any], bic_1: float, bic_2: float, criterion: str = "
     threshold = DEFAULT_THRESHOLD[criterion] if threshold is None else threshold
     bic = {1: bic_1, 2: bic_2}
     margin = (bic_1 - bic_2) / abs(bic_1) if bic_1 != 0 else math.inf
-    root_side = stats.get("root_side_ratio", math.inf) if criterion == "collapse_or_ashman" else math.inf
+    root_side = stats.get("root_side_ratio", math.inf)  # read by collapse_or_ashman only
     two = _two_clusters(criterion, threshold, bic, stats["ashman_d"], margin, stats["other_size"],
                         stats["spread_ratio"], root_side)
     return 2 if two else 1

@@ -37,8 +37,8 @@ DEFAULT_THRESHOLD = {"collapse_or_ashman": 8.0, "ashman": 8.0, "bic_margin": 0.2
 
 COLLAPSE_RATIO = 0.1
 """``"collapse_or_ashman"``: the other component counts as collapsed when its robust spread is
-below this share of the root component's (see :func:`~skymask_lite.clustering.robust_spread`); calibrated on seed 0 of
-the decision study (``data/results/decision/``, chapter "Is there an attack?")."""
+below this share of the root component's (see :func:`~skymask_lite.clustering.robust_spread`);
+calibrated on seed 0 of the decision study (``data/results/decision/``, chapter "Is there an attack?")."""
 
 CORE_RADIUS = 0.5
 """A collapsed cluster holds the clients within this many robust spreads of the root's
@@ -126,8 +126,9 @@ def read_partition(points: np.ndarray, labels: np.ndarray, root: int) -> dict[st
     """What the 2-component partition ``labels`` of ``points`` ``[k, 2]`` says about collapse.
 
     ``inside``: the rows of the root's component (the root included); ``other_size``: the clients
-    outside it; ``spread_ratio``: the other component's :func:`~skymask_lite.clustering.robust_spread` over the root
-    component's (root included; ``inf`` if the other component is empty); ``root_side_ratio``: the
+    outside it; ``spread_ratio``: the other component's
+    :func:`~skymask_lite.clustering.robust_spread` over the root component's (root included;
+    ``inf`` if the other component is empty); ``root_side_ratio``: the
     root component's CLIENTS' robust spread (the root left out) over the other component's
     (``inf`` unless at least two clients share the root's component).
 
@@ -140,7 +141,9 @@ def read_partition(points: np.ndarray, labels: np.ndarray, root: int) -> dict[st
     clients_inside = inside.copy()
     clients_inside[root] = False
     other_size = int((~inside).sum())
-    spread_ratio = robust_spread(points[~inside]) / max(robust_spread(points[inside]), 1e-300) if other_size else math.inf
+    spread_ratio = math.inf
+    if other_size:
+        spread_ratio = robust_spread(points[~inside]) / max(robust_spread(points[inside]), 1e-300)
     root_side_ratio = math.inf
     if other_size and clients_inside.sum() >= 2:
         root_side_ratio = robust_spread(points[clients_inside]) / max(robust_spread(points[~inside]), 1e-300)
@@ -153,8 +156,9 @@ def benign_side(points: np.ndarray, partition: dict[str, Any], root: int) -> tup
 
     A collapsed component (``COLLAPSE_RATIO``) is the colluders': if it is the other one, the
     root's component is kept; if the root's own clients collapsed (``root_side_ratio``), the
-    OTHER component is kept. Either way the collapsed group's strays (:func:`~skymask_lite.clustering.collapsed_strays`,
-    measured against the kept component's spread) are kept too. No collapse: the root's component.
+    OTHER component is kept. Either way the collapsed group's strays
+    (:func:`~skymask_lite.clustering.collapsed_strays`, measured against the kept component's
+    spread) are kept too. No collapse: the root's component.
     """
     inside = partition["inside"]
     if partition["spread_ratio"] < COLLAPSE_RATIO:
@@ -225,10 +229,11 @@ def cluster_masks(
         root_index: the root's row (default: last).
         criterion: "collapse_or_ashman" (the default: BIC prefers 2, the other component of the
             2-component fit holds at least 2 clients, and it is either collapsed, its
-            :func:`~skymask_lite.clustering.robust_spread` below ``COLLAPSE_RATIO`` times the root component's, or
-            apart, Ashman's D > threshold, default 8; or BIC prefers 2 and the CLIENTS of the
-            root's component collapsed, ``root_side_ratio`` below ``COLLAPSE_RATIO``, in which
-            case the other component is kept: see :func:`~skymask_lite.clustering.read_partition`), "ashman" (BIC prefers 2 and D > threshold),
+            :func:`~skymask_lite.clustering.robust_spread` below ``COLLAPSE_RATIO`` times the root
+            component's, or apart, Ashman's D > threshold, default 8; or BIC prefers 2 and the
+            CLIENTS of the root's component collapsed, ``root_side_ratio`` below
+            ``COLLAPSE_RATIO``, in which case the other component is kept: see
+            :func:`~skymask_lite.clustering.read_partition`), "ashman" (BIC prefers 2 and D > threshold),
             "bic_margin" (``(BIC1 - BIC2) / |BIC1| > threshold``, default 0.2), "bic" (BIC prefers 2)
             or "always" (two clusters, as in the authors' code).
         threshold: overrides the criterion's default (``DEFAULT_THRESHOLD``).
@@ -258,8 +263,6 @@ def cluster_masks(
     d = ashman_d(fits[2].means_, fits[2].covariances_)
     partition = read_partition(xy, fits[2].predict(xy), root)  # the 2-component partition
     ratio, root_side = partition["spread_ratio"], partition["root_side_ratio"]
-    if criterion != "collapse_or_ashman":
-        root_side = math.inf  # the other criteria keep the root's component, as the paper does
     two = _two_clusters(criterion, threshold, bic, d, margin, partition["other_size"], ratio, root_side)
     num_clusters = 2 if two else 1
     chosen = _mixture_info(fits[num_clusters], xy)

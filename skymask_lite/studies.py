@@ -109,7 +109,9 @@ def baselines_study() -> list[Config]:
         if d not in MAIN_DEFENSES
     ]
     for seed in SEEDS[1:]:
-        configs += [dataclasses.replace(base, attack=a, defense=d, seed=seed) for a in MAIN_ATTACKS for d in SEEDED_DEFENSES]
+        configs += [
+            dataclasses.replace(base, attack=a, defense=d, seed=seed) for a in MAIN_ATTACKS for d in SEEDED_DEFENSES
+        ]
         configs += [
             dataclasses.replace(base, attack="none", defense=d, seed=seed)
             for d in COST_DEFENSES

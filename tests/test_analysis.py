@@ -56,7 +56,8 @@ def _result(attack, defense, seed, accs, fprs, asr=None, collapsed=None):
         final["collapsed"] = {"round": collapsed, "reason": "nan"}
     config = {"attack": attack, "defense": defense, "seed": seed, "num_clients": 10, "num_malicious": 2,
               "bias": 0.5, "root_size": 100, "root_bias": None, "engine": "auto"}
-    return {"config": config, "rounds": rounds, "final": final, "env": {"engine": "parallel", "git_commit": "abcdef123"}}
+    env = {"engine": "parallel", "git_commit": "abcdef123"}
+    return {"config": config, "rounds": rounds, "final": final, "env": env}
 
 
 def test_run_and_round_tables_and_the_seed_summary():

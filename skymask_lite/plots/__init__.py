@@ -17,7 +17,8 @@ Fixed colours, the same in every figure:
   ``LINESTYLES[k % 4]``, so curves that coincide stay visible.
 
 Modules, in chapter order: ``style``, ``data`` (chapter 1), ``attacks`` (2), ``defenses`` (3),
-``masks`` (4), ``gmm`` (5), ``baselines`` (SkyMask against every baseline). Every public name is importable from ``skymask_lite.plots``.
+``masks`` (4), ``gmm`` (5), ``baselines`` (SkyMask against every baseline). Every public name is
+importable from ``skymask_lite.plots``.
 """
 
 from __future__ import annotations
