@@ -74,15 +74,23 @@ def skymask_study() -> list[Config]:
     return [dataclasses.replace(base, attack=attack) for attack in attacks]
 
 
+#: The attack cases of the main table (``none`` keeps f = 20 honest "attackers").
 MAIN_ATTACKS = ("none", "label_flip", "lie", "fang_trim", "fang_krum", "min_max", "min_sum", "backdoor")
+#: The rules of the main table, in the chapter's column order.
 MAIN_DEFENSES = (
     "fedavg", "median", "trimmed_mean", "krum", "multi_krum", "bulyan", "fltrust", "flame", "deepsight", "skymask",
 )
+#: The paper's three rules, run with every seed of ``SEEDS``.
 SEEDED_DEFENSES = ("fedavg", "fltrust", "skymask")
+#: The order the main table is computed in: the paper's three rules first.
 COMPUTE_ORDER = (*reversed(SEEDED_DEFENSES), *(d for d in MAIN_DEFENSES if d not in SEEDED_DEFENSES))
+#: The rules that select clients, with an FPR and an FNR.
 DETECTION_RULES = ("tolpegin", "fldetector", "flame", "multi_krum", "deepsight", "fltrust", "skymask")
+#: The attacks of the detection table.
 DETECTION_ATTACKS = ("min_max", "min_sum", "fang_krum", "fang_trim", "label_flip", "backdoor")
+#: The rules whose cost without attack the chapter compares (three seeds).
 COST_DEFENSES = ("fedavg", "skymask", "fltrust", "krum", "multi_krum", "median", "trimmed_mean")
+#: The seeds of the repeated runs.
 SEEDS = (0, 1, 2)
 
 
@@ -120,12 +128,15 @@ def baselines_study() -> list[Config]:
     return configs
 
 
+#: The adaptive study's attacks, ``(name, options)``: the adaptive one and its two references.
 ADAPTIVE_ATTACKS = (
     ("adaptive_skymask", {}),
     ("min_max", {"spread": 0.5}),
     ("min_max", {}),
 )
+#: The adaptive study's defenses.
 ADAPTIVE_DEFENSES = ("skymask", "fltrust", "tolpegin", "flame", "multi_krum", "median")
+#: The adaptive study's numbers of malicious clients (of 100).
 ADAPTIVE_SHARES = (20, 40)
 
 
@@ -146,11 +157,17 @@ def adaptive_study() -> list[Config]:
     ]
 
 
+#: The attacker shares of the share study, malicious clients of 100.
 SHARE_FRACTIONS = (20, 40, 60, 80)
+#: The share study's attacks.
 SHARE_ATTACKS = ("min_max", "fang_trim", "min_sum")
+#: The share study's defenses.
 SHARE_DEFENSES = ("fedavg", "median", "fltrust", "skymask")
+#: The federation sizes of the scale study (20% of them malicious).
 SCALE_CLIENTS = (200, 500)
+#: The root-set sizes of the root study.
 ROOT_SIZES = (50, 100, 200)
+#: The root biases of the root study (``None``: uniform).
 ROOT_BIASES = (None, 0.5, 0.9)
 
 
