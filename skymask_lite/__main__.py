@@ -32,7 +32,7 @@ from .experiments import (
 )
 from .fl import ENGINES
 from .models import MODELS
-from .studies import STUDIES, shard, study_configs
+from .studies import STUDIES, load_study, shard, study_configs
 
 __all__ = ["main"]
 
@@ -172,6 +172,9 @@ def _parser() -> argparse.ArgumentParser:
     study.add_argument("--shard", default=None, metavar="K/M",
                        help="Run only shard K of M (every M-th config from the K-th): M processes with the same "
                             "--out-dir split the study. Default: the whole study.")
+    study.add_argument("--status", action="store_true",
+                       help="Compute nothing: print how many runs of the study are in --out-dir and list the missing "
+                            "ones (one JSON line each).")
     study.add_argument("--no-resume", action="store_true", help="Recompute every run, replacing its file.")
     study.add_argument("--no-progress", action="store_true", help="No progress bar.")
     flower.add_cli(sub, _add_config_flags, _config)
@@ -213,6 +216,15 @@ def main(argv: Sequence[str] | None = None) -> int:
             configs = [dataclasses.replace(c, **execution) for c in study_configs(args.name)]
             if args.shard is not None:
                 configs = shard(configs, args.shard)
+            if args.status:
+                found, missing = load_study(args.name, args.out_dir)
+                wanted = {run_name(c) for c in configs}
+                missing = [c for c in missing if run_name(c) in wanted]
+                print(json.dumps({"study": args.name, "runs": len(configs), "computed": len(configs) - len(missing),
+                                  "missing": len(missing)}))
+                for config in missing:
+                    print(json.dumps({"missing": run_name(config)}))
+                return 0
             for config in configs:
                 config.validate()
             out_dir = check_output(args.out_dir, "--out-dir", folder=True)

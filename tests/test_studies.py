@@ -127,3 +127,19 @@ def test_scale_and_root_studies_cover_their_settings():
     root = study_configs("root")
     assert {c.root_size for c in root} == set(studies.ROOT_SIZES)
     assert {c.root_bias for c in root} == set(studies.ROOT_BIASES)
+
+
+def test_study_status_counts_and_lists_the_missing_runs_without_computing(tmp_path, capsys, monkeypatch):
+    import json
+
+    from skymask_lite import experiments
+
+    monkeypatch.setattr(experiments, "run_experiment", lambda *a, **k: pytest.fail("computed a run"))
+    configs = study_configs("skymask")
+    (tmp_path / f"{run_name(configs[0])}.json").write_text("{}")
+    assert main(["study", "skymask", "--out-dir", str(tmp_path), "--status"]) == 0
+    lines = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert lines[0] == {"study": "skymask", "runs": len(configs), "computed": 1, "missing": len(configs) - 1}
+    assert [line["missing"] for line in lines[1:]] == [run_name(c) for c in configs[1:]]
+    assert main(["study", "skymask", "--out-dir", str(tmp_path / "nope"), "--status"]) == 2
+    assert "study skymask" in capsys.readouterr().err
