@@ -5,6 +5,9 @@
 
 In order:
 
+0. the mask step replayed as a CUDA graph against the plain loop on the device (logits, losses,
+   kept clients); if the capture fails or the kept clients differ, ``SKYMASK_MASK_GRAPH=0``
+   switches graphs off for everything that follows, and the report says so;
 1. ``benchmarks/run.py --device cuda --rounds 2``, alone on the machine (its JSON and Markdown
    land in ``--out-dir`` as ``benchmark_cuda.*``): the round phases, the engines, ResNet20's
    batched round and SkyMask's server step;
@@ -20,7 +23,10 @@ In order:
    * ``RECOMPUTE``'s mechanism on the device: a grid computed twice with ``resume=False`` into
      one folder leaves exactly one results file per experiment;
    * the batched and loop engines on the device: the CNN on real Fashion-MNIST (float32) and
-     ResNet20 on CIFAR-shaped random images (float64, where rounding does not blow up).
+     ResNet20 on CIFAR-shaped random images (float64, where rounding does not blow up);
+   * with ``--study``, studies of :mod:`skymask_lite.studies` pulled from one queue by
+     ``--study-workers`` processes until ``--study-deadline``; the runs already in
+     ``--study-dir`` are skipped and the new ones packed into ``studies.tar.gz``.
 
 ``gpu_check.json`` ends with ``acceptance``: every chapter ran, the matrix has no failure other
 than recorded collapses, ResNet20's batched round of 100 clients <= 3 s, SkyMask's server step
@@ -188,14 +194,78 @@ def engine_agreement(device: str) -> dict:
     return out
 
 
-def start_study(name: str, folder: Path, workers: int, deadline: float) -> list[subprocess.Popen]:
-    """Study ``name`` (:mod:`skymask_lite.studies`) in ``workers`` processes, each taking every
-    ``workers``-th config, each stopped after ``deadline`` seconds (finished runs stay)."""
+STUDY_WORKER = """
+import os, sys
+from pathlib import Path
+from skymask_lite.config import run_name
+from skymask_lite.experiments import run_grid
+from skymask_lite.studies import study_configs
+for name in sys.argv[1].split(","):
+    folder = Path(sys.argv[2]) / name
+    folder.mkdir(parents=True, exist_ok=True)
+    for config in study_configs(name):
+        stem = run_name(config)
+        if (folder / f"{stem}.json").exists():
+            continue
+        try:  # claim the run: the first worker to create the file computes it
+            os.close(os.open(folder / f".claim-{stem}", os.O_CREAT | os.O_EXCL))
+        except FileExistsError:
+            continue
+        run_grid([config], folder, progress=False)
+"""
+
+
+def start_studies(names: list[str], folder: Path, workers: int, deadline: float) -> list[subprocess.Popen]:
+    """The studies ``names`` (:mod:`skymask_lite.studies`) as one queue, in the given order, each
+    study's runs in its own order, pulled by ``workers`` processes (a run is claimed by the first
+    worker that reaches it); every process is stopped after ``deadline`` seconds (finished runs
+    stay). Runs already in ``folder/<study>/`` (copy the committed ones in) are skipped."""
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": SIDE_THREADS}
-    code = ("import sys; from skymask_lite.studies import study_configs; from skymask_lite.experiments import run_grid; "
-            "c = study_configs(sys.argv[1]); run_grid(c[int(sys.argv[3])::int(sys.argv[4])], sys.argv[2], progress=False)")
-    return [subprocess.Popen(["timeout", str(int(deadline)), sys.executable, "-c", code, name, str(folder), str(i),
-                              str(workers)], cwd=ROOT, env=env) for i in range(workers)]
+    for name in names:  # claims of an earlier, stopped queue
+        for claim in (folder / name).glob(".claim-*"):
+            claim.unlink()
+    return [subprocess.Popen(["timeout", str(int(deadline)), sys.executable, "-c", STUDY_WORKER, ",".join(names),
+                              str(folder)], cwd=ROOT, env=env) for _ in range(workers)]
+
+
+def pack_studies(names: list[str], folder: Path, before: dict[str, set[str]], out: Path) -> dict:
+    """The runs each study gained, packed as one ``out`` archive (paths ``<study>/<file>.json``)."""
+    new = {name: sorted(p.name for p in (folder / name).glob("*.json") if p.name not in before[name])
+           for name in names}
+    files = [f"{name}/{file}" for name, names_ in new.items() for file in names_]
+    if files:
+        subprocess.run(["tar", "czf", str(out), *files], cwd=folder, check=True)
+    return {name: {"new_runs": len(runs), "runs": runs} for name, runs in new.items()}
+
+
+def graph_check(device: str) -> dict:
+    """The mask step replayed as a CUDA graph against the plain loop on the device (one real
+    FMNIST problem, 20 steps): the logits, losses and kept clients must agree."""
+    from skymask_lite._mask_kernels import GRAPH_ENV, use_graph
+    from skymask_lite.experiments import Config, build
+    from skymask_lite.fl import initial_state, round_updates
+    from skymask_lite.skymask import binarize, cluster_masks, stack_models, train_masks
+
+    if not use_graph(None, torch.device(device), "clipped_sgd", 1):
+        return {"status": "not used", "why": f"device {device} or {GRAPH_ENV}=0"}
+    with mock.patch("skymask_lite.experiments.load_dataset", _cached_dataset):
+        fed, _, _ = build(Config(num_clients=20, train_size=6000, device=device, engine="batched"))
+    state = initial_state(fed)
+    updates, _, g0 = round_updates(fed, state, with_root_update=True)
+    updates[:4] = -3 * updates[4:].mean(dim=0)  # four colluders
+    models = stack_models(state.params, updates, g0)
+    out, kept = {}, {}
+    for graph in (False, True):
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        logits, losses = train_masks(fed.net, models, *fed.root, buffers=state.buffers, graph=graph)
+        torch.cuda.synchronize()
+        out[graph] = (logits, losses, time.perf_counter() - t0)
+        kept[graph] = cluster_masks(binarize(logits))[0].tolist()
+    return {"status": "ok", "max_abs_logit_difference": float((out[True][0] - out[False][0]).abs().max()),
+            "losses_equal": out[True][1] == out[False][1], "kept_equal": kept[True] == kept[False],
+            "steps": len(out[True][1]), "seconds_plain": round(out[False][2], 4),
+            "seconds_graph": round(out[True][2], 4)}
 
 
 def _guarded(name: str, fn, *args) -> dict:
@@ -217,8 +287,11 @@ def main() -> None:
     parser.add_argument("--skip-benchmark", action="store_true")
     parser.add_argument("--chapters", default="*.ipynb", help="glob of the notebooks under book/ to execute")
     parser.add_argument("--study", nargs="*", default=[],
-                        help="also run these studies of skymask_lite.studies, each packed as <out-dir>/<study>.tar.gz")
-    parser.add_argument("--study-workers", type=int, nargs="*", default=[2], help="processes per study")
+                        help="also run these studies of skymask_lite.studies, one queue in this order; "
+                             "the new runs are packed as <out-dir>/studies.tar.gz")
+    parser.add_argument("--study-workers", type=int, default=3, help="processes pulling the studies' runs")
+    parser.add_argument("--study-dir", type=Path, default=ROOT / "data" / "results",
+                        help="folder of the study folders; their runs are skipped, the new ones packed")
     parser.add_argument("--skip-checks", action="store_true", help="no matrix, RECOMPUTE or engine checks")
     parser.add_argument("--study-deadline", type=float, default=300, help="seconds the study may run")
     parser.add_argument("--benchmark-timeout", type=float, default=270, help="seconds benchmarks/run.py may take")
@@ -240,6 +313,12 @@ def main() -> None:
     report: dict = {"env": environment(args.device)}
     if args.commit:
         report["env"].update(git_commit=args.commit, git_dirty=None)
+    report["mask_graph"] = _guarded("mask graph", graph_check, args.device)
+    if report["mask_graph"].get("status") == "crashed" or not report["mask_graph"].get("kept_equal", True):
+        from skymask_lite._mask_kernels import GRAPH_ENV
+
+        os.environ[GRAPH_ENV] = "0"  # recorded: every process started from here runs the plain loop
+        report["mask_graph"]["switched_off"] = True
     if not args.skip_benchmark:
         bench = [sys.executable, str(ROOT / "benchmarks" / "run.py"), "--device", args.device, "--rounds", "2",
                  "--out", str(args.out_dir)] + (["--quick"] if args.quick else [])
@@ -252,8 +331,8 @@ def main() -> None:
             code, error = None, [f"stopped after {args.benchmark_timeout:.0f} s"]
         report["benchmark"] = {"returncode": code, "seconds": round(time.perf_counter() - t0, 1), "error": error}
         print(f"[gpu_check] benchmark: {report['benchmark']['seconds']} s, rc {code}", flush=True)
-    study = [proc for name, workers in zip(args.study, args.study_workers)
-             for proc in start_study(name, args.out_dir / name, workers, args.study_deadline)]
+    before = {name: {p.name for p in (args.study_dir / name).glob("*.json")} for name in args.study}
+    study = start_studies(args.study, args.study_dir, args.study_workers, args.study_deadline) if args.study else []
     out_json = args.out_dir / ("gpu_check_quick.json" if args.quick else "gpu_check.json")
 
     def save() -> None:  # after every part, so that a run stopped from outside still leaves its report
@@ -273,11 +352,8 @@ def main() -> None:
         report["notebooks"] = notebooks.result()
     for proc in study:
         proc.wait()
-    for name in args.study:
-        folder = args.out_dir / name
-        report.setdefault("studies", {})[name] = {"finished_runs": len(list(folder.glob("*.json")))}
-        subprocess.run(["tar", "czf", f"{name}.tar.gz", name], cwd=args.out_dir, check=True)
-        subprocess.run(["rm", "-rf", str(folder)], check=True)
+    if args.study:
+        report["studies"] = pack_studies(args.study, args.study_dir, before, args.out_dir / "studies.tar.gz")
     report["study_returncodes"] = [p.returncode for p in study]
     report["seconds"] = round(time.perf_counter() - start, 1)
     report["acceptance"] = acceptance(report, args.out_dir / f"benchmark_{'quick' if args.quick else args.device.split(':')[0]}.json")

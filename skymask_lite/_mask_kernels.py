@@ -11,8 +11,9 @@ width is a memory layout: the result does not depend on it beyond float rounding
 from __future__ import annotations
 
 import contextlib
+import os
 from dataclasses import dataclass
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import torch
 import torch.nn.functional as F
@@ -25,10 +26,12 @@ __all__ = [
     "ALIGN",
     "CPU_BLOCK",
     "ColumnBlocks",
+    "GRAPH_ENV",
     "MaskedAverage",
     "binarize_columns",
     "block_width",
     "column_blocks",
+    "cuda_graphed",
     "eval_mode",
     "from_blocks",
     "make_optimizer",
@@ -39,6 +42,7 @@ __all__ = [
     "to_blocks",
     "train_mask_columns",
     "transform_grad",
+    "use_graph",
 ]
 
 CPU_BLOCK = 4096
@@ -234,6 +238,51 @@ def from_blocks(blocks: ColumnBlocks) -> torch.Tensor:
     return blocks.data.transpose(0, 1).reshape(k, nb * block)[:, : blocks.d].contiguous()
 
 
+GRAPH_ENV = "SKYMASK_MASK_GRAPH"
+"""Set to ``0`` to switch CUDA graphs off in the mask step everywhere (``1``: on where they apply);
+unset: ``train_masks(graph=None)`` decides (:func:`use_graph`)."""
+
+
+def use_graph(graph: bool | None, device: torch.device, optimizer: str, nb: int) -> bool:
+    """Whether the mask step replays a CUDA graph: ``graph`` if given, else :data:`GRAPH_ENV`
+    if set, else on CUDA for the SGD optimizers on one column block (Adam steps through
+    ``torch.optim``, left eager). ``graph=True`` where it cannot apply is an error."""
+    if graph is None:
+        env = os.environ.get(GRAPH_ENV)
+        if env not in (None, "", "0", "1"):
+            raise ValueError(f"{GRAPH_ENV} must be 0 or 1 (or unset), got {env!r}")
+        graph = env == "1" if env else True
+        return graph and device.type == "cuda" and optimizer != "adam" and nb == 1
+    if graph and not (device.type == "cuda" and optimizer != "adam" and nb == 1):
+        raise ValueError(
+            "graph=True needs CUDA models in one column block and an SGD mask optimizer "
+            f"(got device {device.type}, optimizer {optimizer!r}, {nb} blocks); pass graph=None or False"
+        )
+    return graph
+
+
+def cuda_graphed(step: Callable[[], None]) -> Callable[[], None]:
+    """Run ``step`` once for real (the warm-up, on a side stream, as CUDA graph capture asks),
+    capture it into a CUDA graph and return the graph's replay: every later call replays the
+    same kernels on the same static tensors, one launch instead of a few hundred."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        step()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        step()
+    return graph.replay
+
+
+def _eager(step: Callable[[], None]) -> Callable[[], None]:
+    """The capture of :func:`cuda_graphed` without a graph: run ``step`` once, return it (the
+    same loop on any device; the tests run the graph loop's logic through it on a CPU)."""
+    step()
+    return step
+
+
 def train_mask_columns(
     net: nn.Module,
     models: ColumnBlocks,
@@ -248,6 +297,8 @@ def train_mask_columns(
     grad_clip: float | None,
     patience: int,
     min_delta: float,
+    graph: bool | None = None,
+    capture: Callable[[Callable[[], None]], Callable[[], None]] | None = None,
 ) -> tuple[ColumnBlocks, list[float]]:
     """:func:`skymask_lite.skymask.train_masks` on models in :class:`ColumnBlocks` (a contiguous
     block streams through the CPU cache; a column slice of a ``[k, d]`` matrix does not).
@@ -256,31 +307,42 @@ def train_mask_columns(
     through the network for ``dL/dW`` only, then the closed-form ``dL/dM`` and the SGD step
     block by block (Adam steps the whole gradient at once). The padded columns have zero
     gradient. Returns the logits in the same layout.
+
+    Two loops, the same arithmetic:
+
+    * plain (CPU, Adam, ``graph=False``): forward, read the loss, stop if stalled, else
+      backward and step;
+    * graphed (``graph``, see :func:`use_graph`; ``capture`` replaces :func:`cuda_graphed`, the
+      tests pass :func:`_eager`): the whole step (forward, backward, update) is one CUDA graph
+      replayed ``steps`` times, the loss read after each replay. A step that reads a stalled
+      loss has already updated ``M``; its update is undone from the copy taken at the step's
+      start, so both loops return the same ``M`` and losses. A step costs about as many
+      kernel launches as the network has layers on a GPU, where the launches, not the
+      arithmetic, dominated (the cost chapter).
     """
     blocks, d = models.data, models.d
     nb, k, width = blocks.shape
-    mask = torch.full_like(blocks, init, requires_grad=True)
-    opt = make_optimizer(mask, optimizer, lr)
-    sgd_lr = opt.param_groups[0]["lr"] if optimizer != "adam" else None  # SGD steps are applied per block
+    graphed = capture is not None or use_graph(graph, blocks.device, optimizer, nb)
+    mask = torch.full_like(blocks, init, requires_grad=optimizer == "adam")
+    opt = make_optimizer(mask, optimizer, lr) if optimizer == "adam" else None
     s, product = torch.empty_like(blocks), torch.empty_like(blocks[0])
     padded = padded_scratch(blocks, k, width)
     # SGD needs one block of the gradient at a time (the forward's scratch block); Adam the whole
-    grad = torch.empty_like(blocks) if sgd_lr is None else None
+    grad = torch.empty_like(blocks) if opt is not None else None
     total, weights = blocks.new_empty(nb, width), blocks.new_empty(nb, width)
     if root_x.dim() == 4:  # channels-last convolutions and pooling are faster on CPUs
         root_x = channels_last(root_x)
-    losses: list[float] = []
-    for _ in range(steps):
+
+    def forward() -> tuple[torch.Tensor, torch.Tensor]:
         with torch.no_grad():  # forward of masked_weights: W = sum_i s_i W_i / sum_i s_i
             for b in range(nb):
                 masked_average_into(mask[b], blocks[b], s[b], total[b], weights[b], product, padded)
         w = weights.view(-1)[:d].clone().requires_grad_()
         state = {**unflatten(w, net), **(buffers or {})}
         with eval_mode(net):
-            loss = F.cross_entropy(functional_call(net, state, (root_x,)), root_y)
-        losses.append(loss.item())
-        if _stalled(losses, patience, min_delta):
-            break
+            return F.cross_entropy(functional_call(net, state, (root_x,)), root_y), w
+
+    def backward(loss: torch.Tensor, w: torch.Tensor) -> None:
         (grad_w,) = torch.autograd.grad(loss, w)
         with torch.no_grad():  # backward: dL/dM_i = s_i (1 - s_i) (W_i - W) dL/dW / S, then the step
             scaled = F.pad(grad_w, (0, nb * width - d)).view_as(weights).div_(total)
@@ -289,11 +351,42 @@ def train_mask_columns(
                 g = product if grad is None else grad[b]
                 mask_grad_into(blocks[b], s[b], shift[b], scaled[b], g)
                 transform_grad(g, optimizer, grad_clip)
-                if sgd_lr is not None:
-                    mask[b].add_(g, alpha=-sgd_lr)
-        if sgd_lr is None:
+                if opt is None:
+                    mask[b].add_(g, alpha=-lr)
+        if opt is not None:
             mask.grad = grad
             opt.step()
+
+    losses: list[float] = []
+    if not graphed:
+        for _ in range(steps):
+            loss, w = forward()
+            losses.append(loss.item())
+            if _stalled(losses, patience, min_delta):
+                break
+            backward(loss, w)
+        return ColumnBlocks(mask.detach(), d), losses
+
+    before, loss_out = torch.empty_like(blocks), blocks.new_empty(())
+
+    def step() -> None:  # static tensors only: what a CUDA graph can replay
+        with torch.no_grad():
+            before.copy_(mask)
+        loss, w = forward()
+        loss_out.copy_(loss.detach())
+        backward(loss, w)
+
+    replay = None
+    for _ in range(steps):
+        if replay is None:  # the first step runs inside the capture, which returns the replay
+            replay = (capture or cuda_graphed)(step)
+        else:
+            replay()
+        losses.append(loss_out.item())
+        if _stalled(losses, patience, min_delta):
+            with torch.no_grad():
+                mask.copy_(before)  # the plain loop stops before this step's update
+            break
     return ColumnBlocks(mask.detach(), d), losses
 
 

@@ -249,6 +249,48 @@ def test_early_stopping_on_flat_loss(problem):
     assert len(losses) == 20
 
 
+def _graph_loop_vs_plain(net, models, x, y, **options):
+    """The graphed loop's logic (through :func:`_eager`, the capture without a graph) and the
+    plain loop on the same problem: logits and losses."""
+    blocked = kernels.to_blocks(models, models.shape[1])  # one block, as on a GPU
+    common = dict(buffers=None, init=1.0, grad_clip=1e-7, **options)
+    plain, plain_losses = kernels.train_mask_columns(net, blocked, x, y, graph=False, **common)
+    graphed, graphed_losses = kernels.train_mask_columns(net, blocked, x, y, capture=kernels._eager, **common)
+    return kernels.from_blocks(plain), plain_losses, kernels.from_blocks(graphed), graphed_losses
+
+
+@pytest.mark.parametrize("optimizer,lr", [("clipped_sgd", 1e7), ("sign_sgd", 1.0)])
+def test_graph_loop_equals_plain_loop(problem, optimizer, lr):
+    """The loop that replays one whole step per call (CUDA graphs) returns the plain loop's
+    logits and losses, with and without early stopping (which must undo the stalled step)."""
+    models = sm.stack_models(problem["global_params"], problem["updates"], problem["root_update"])
+    args = (problem["net"], models, problem["root_x"], problem["root_y"])
+    for patience, min_delta, expect_stop in ((100, 1e-2, False), (2, 10.0, True)):
+        plain, plain_losses, graphed, graphed_losses = _graph_loop_vs_plain(
+            *args, optimizer=optimizer, lr=lr, steps=8, patience=patience, min_delta=min_delta)
+        assert (len(plain_losses) < 8) == expect_stop  # early stopping fired exactly when asked
+        assert graphed_losses == plain_losses
+        assert torch.equal(graphed, plain)
+        assert not torch.equal(plain, torch.ones_like(plain))  # the masks moved: the check can fail
+
+
+def test_use_graph_decides_by_device_optimizer_and_switch(monkeypatch):
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")
+    monkeypatch.delenv(kernels.GRAPH_ENV, raising=False)
+    assert kernels.use_graph(None, cuda, "clipped_sgd", 1)
+    assert not kernels.use_graph(None, cuda, "adam", 1)  # Adam steps through torch.optim: eager
+    assert not kernels.use_graph(None, cuda, "clipped_sgd", 3)
+    assert not kernels.use_graph(None, cpu, "clipped_sgd", 1)
+    assert not kernels.use_graph(False, cuda, "clipped_sgd", 1)
+    monkeypatch.setenv(kernels.GRAPH_ENV, "0")
+    assert not kernels.use_graph(None, cuda, "clipped_sgd", 1)
+    monkeypatch.setenv(kernels.GRAPH_ENV, "yes")
+    with pytest.raises(ValueError, match="must be 0 or 1"):
+        kernels.use_graph(None, cuda, "clipped_sgd", 1)
+    with pytest.raises(ValueError, match="graph=True needs CUDA"):
+        kernels.use_graph(True, cpu, "clipped_sgd", 1)
+
+
 def test_binarize_threshold():
     logits = torch.tensor([[-2.0, -0.01, 0.0, 0.01, 2.0]])
     assert sm.binarize(logits).tolist() == [[False, False, False, True, True]]
