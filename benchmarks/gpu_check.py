@@ -294,6 +294,8 @@ def main() -> None:
                         help="folder of the study folders; their runs are skipped, the new ones packed")
     parser.add_argument("--skip-checks", action="store_true", help="no matrix, RECOMPUTE or engine checks")
     parser.add_argument("--study-deadline", type=float, default=300, help="seconds the study may run")
+    parser.add_argument("--end-by", type=float, help="the studies stop this many seconds after the check started "
+                        "(at the latest; --study-deadline still applies), so the check ends inside a time limit")
     parser.add_argument("--benchmark-timeout", type=float, default=270, help="seconds benchmarks/run.py may take")
     parser.add_argument("--notebook-timeout", type=float, default=240, help="seconds a chapter may take")
     parser.add_argument("--matrix-budget", type=float, default=150, help="seconds for the attack x defense pairs")
@@ -332,7 +334,10 @@ def main() -> None:
         report["benchmark"] = {"returncode": code, "seconds": round(time.perf_counter() - t0, 1), "error": error}
         print(f"[gpu_check] benchmark: {report['benchmark']['seconds']} s, rc {code}", flush=True)
     before = {name: {p.name for p in (args.study_dir / name).glob("*.json")} for name in args.study}
-    study = start_studies(args.study, args.study_dir, args.study_workers, args.study_deadline) if args.study else []
+    deadline = args.study_deadline
+    if args.end_by is not None:
+        deadline = min(deadline, args.end_by - (time.perf_counter() - start))
+    study = start_studies(args.study, args.study_dir, args.study_workers, deadline) if args.study and deadline > 0 else []
     out_json = args.out_dir / ("gpu_check_quick.json" if args.quick else "gpu_check.json")
 
     def save() -> None:  # after every part, so that a run stopped from outside still leaves its report
