@@ -316,9 +316,13 @@ def train_mask_columns(
       tests pass :func:`_eager`): the whole step (forward, backward, update) is one CUDA graph
       replayed ``steps`` times, the loss read after each replay. A step that reads a stalled
       loss has already updated ``M``; its update is undone from the copy taken at the step's
-      start, so both loops return the same ``M`` and losses. A step costs about as many
-      kernel launches as the network has layers on a GPU, where the launches, not the
-      arithmetic, dominated (the cost chapter).
+      start, so both loops take the same steps (equal on a CPU, tested). On a GPU the graph
+      replaces a few hundred kernel launches per step by one, and the launches, not the
+      arithmetic, were the step's cost: 20 steps took 0.28 s plain and 0.04 s graphed on an
+      H200 (``benchmarks/results/gpu_check.json``, ``mask_graph``). The GPU's convolution
+      backward is not bit-deterministic, and the clipped-SGD step turns the sign of a
+      near-zero gradient into a whole step of ``M``: two runs of either loop differ in a few
+      logits (up to 4 there), and kept the same clients.
     """
     blocks, d = models.data, models.d
     nb, k, width = blocks.shape

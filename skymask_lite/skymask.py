@@ -250,8 +250,8 @@ def train_masks(
         block: columns per block of a ``[k, d]`` ``models``, a memory layout only (the result
             does not depend on it beyond float rounding); ``None``: cache-sized blocks on a CPU,
             one whole block on other devices.
-        graph: replay each step as one CUDA graph (the same arithmetic, a few hundred fewer
-            kernel launches per step); ``None``: on CUDA for the SGD optimizers, unless the
+        graph: replay each step as one CUDA graph (the same operations, one launch instead
+            of a few hundred per step); ``None``: on CUDA for the SGD optimizers, unless the
             environment variable ``SKYMASK_MASK_GRAPH=0`` switches graphs off.
 
     Returns:
