@@ -318,8 +318,8 @@ def train_mask_columns(
       loss has already updated ``M``; its update is undone from the copy taken at the step's
       start, so both loops take the same steps (equal on a CPU, tested). On a GPU the graph
       replaces a few hundred kernel launches per step by one, and the launches, not the
-      arithmetic, were the step's cost: 20 steps took 0.28 s plain and 0.04 s graphed on an
-      H200 (``benchmarks/results/gpu_check.json``, ``mask_graph``). The GPU's convolution
+      arithmetic, were the step's cost: on an H200 the masks of 101 CNN models took 0.03 s
+      (``benchmarks/results/benchmark_cuda.json``, ``scaling``), 0.05-0.06 s before. The GPU's convolution
       backward is not bit-deterministic, and the clipped-SGD step turns the sign of a
       near-zero gradient into a whole step of ``M``: two runs of either loop differ in a few
       logits (up to 4 there), and kept the same clients.
