@@ -631,3 +631,20 @@ def test_seed_spread_and_round_bands_from_tables():
     assert list(line.get_ydata()) == pytest.approx([0.3, 0.6])
     with pytest.raises(ValueError, match="round_table"):
         plots.round_bands(rounds.drop(columns="round"))
+
+
+def test_setting_curves_one_panel_per_attack_one_line_per_rule():
+    import pandas as pd
+
+    runs = pd.DataFrame({"attack": ["m"] * 5 + ["s"] * 2, "defense": ["A", "A", "A", "B", "B", "A", "B"],
+                         "num_malicious": [80, 20, 40, 20, 40, 20, 20],
+                         "test_acc": [0.5, 0.8, 0.7, 0.6, 0.4, 0.9, 0.1]})
+    fig = plots.setting_curves(runs, "num_malicious", labels={"m": "Min-Max"}, xlabel="attackers")
+    left, right = [ax for ax in fig.axes if ax.get_title()]
+    assert (left.get_title(), right.get_title()) == ("Min-Max", "s")
+    a, b = left.lines
+    assert list(a.get_xdata()) == [20, 40, 80] and list(a.get_ydata()) == [0.8, 0.7, 0.5]  # sorted by the setting
+    assert list(b.get_xdata()) == [20, 40]  # a rule not run at 80 has no point there
+    assert fig.get_supxlabel() == "attackers" and _renders(fig)
+    with pytest.raises(ValueError, match="run_table"):
+        plots.setting_curves(runs, "num_clients")

@@ -17,13 +17,13 @@ Fixed colours, the same in every figure:
   ``LINESTYLES[k % 4]``, so curves that coincide stay visible.
 
 Modules, in chapter order: ``style``, ``data`` (chapter 1), ``attacks`` (2), ``defenses`` (3),
-``masks`` (4), ``gmm`` (5), ``baselines`` (SkyMask against every baseline). Every public name is
+``masks`` (4), ``gmm`` (5), ``baselines`` (SkyMask against every baseline, Stress tests). Every public name is
 importable from ``skymask_lite.plots``.
 """
 
 from __future__ import annotations
 
-from .baselines import ACCURACY_DROP_BINS, accuracy_grid, rate_grids, round_bands, seed_spread
+from .baselines import ACCURACY_DROP_BINS, accuracy_grid, rate_grids, round_bands, seed_spread, setting_curves
 from .attacks import coordinate_ranges, gamma_search, image_rows, role_strips, update_pca
 from .data import accuracy_curves, example_images, label_heatmap
 from .defenses import client_scatter, client_scores, detection_bars, metric_heatmap
@@ -55,5 +55,6 @@ __all__ = [
     "role_strips",
     "round_bands",
     "seed_spread",
+    "setting_curves",
     "update_pca",
 ]

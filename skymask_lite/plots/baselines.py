@@ -1,5 +1,6 @@
-"""Figures of the chapter "SkyMask against every baseline": accuracy and detection grids, the
-spread over seeds, and per-round curves averaged over seeds."""
+"""Figures of the chapters "SkyMask against every baseline" and "Stress tests": accuracy and
+detection grids, the spread over seeds, per-round curves averaged over seeds, and a metric
+against a varied setting (the attackers' share)."""
 
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ from matplotlib.ticker import MaxNLocator
 
 from .style import BOOK_WIDTH, HEATMAP_CMAP, METRIC_LABELS, SMALL_FONT, panels, series_style
 
-__all__ = ["ACCURACY_DROP_BINS", "accuracy_grid", "rate_grids", "round_bands", "seed_spread"]
+__all__ = ["ACCURACY_DROP_BINS", "accuracy_grid", "rate_grids", "round_bands", "seed_spread", "setting_curves"]
 
 MISSING = "#eeeeee"
 """Colour of a grid cell without a value (a run not computed)."""
@@ -177,4 +178,40 @@ def round_bands(
     if ylim is not None:
         ax.set_ylim(*ylim)
     ax.legend(ncols=2, fontsize=SMALL_FONT)
+    return fig
+
+
+def setting_curves(
+    table: pd.DataFrame,
+    setting: str,
+    *,
+    value: str = "test_acc",
+    panel: str = "attack",
+    series: str = "defense",
+    labels: Mapping[str, str] | None = None,
+    colors: Mapping[str, str] | None = None,
+    xlabel: str | None = None,
+    title: str | None = None,
+) -> Figure:
+    """``value`` against ``setting`` (e.g. the number of attackers), one panel per ``panel``
+    value and one line per ``series`` value, from a run table
+    (:func:`~skymask_lite.analysis.run_table`); a series has points only where it was run.
+    The y axis spans the values (the differences, not [0, 1])."""
+    missing = [c for c in (value, setting, panel, series) if c not in table.columns]
+    if missing:
+        raise ValueError(f"the table has no column(s) {missing}; give a run_table()")
+    labels = labels or {}
+    names = list(dict.fromkeys(table[panel]))
+    fig, axes = panels([labels.get(n, n) for n in names], title=title, sharey=True)
+    for ax, name in zip(axes, names):
+        rows = table[table[panel] == name]
+        for k, (line, points) in enumerate(rows.groupby(series, sort=False)):
+            label = labels.get(line, line)
+            points = points.sort_values(setting)
+            ax.plot(points[setting], points[value], label=label, marker="o", markersize=4,
+                    **series_style(k, label, colors))
+        ax.set_xticks(sorted(table[setting].unique()))
+    fig.supxlabel(xlabel or setting, fontsize=SMALL_FONT + 1)
+    axes[0].set_ylabel(METRIC_LABELS.get(value, value))
+    fig.legend(*axes[0].get_legend_handles_labels(), loc="outside right upper", fontsize=SMALL_FONT)
     return fig
