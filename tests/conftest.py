@@ -38,3 +38,34 @@ def interrupt_round(monkeypatch):
         return lambda: monkeypatch.setattr(experiments, "run_round", real)
 
     return arm
+
+
+@pytest.fixture
+def fake_cifar(monkeypatch):
+    """``fake_cifar(folder, name, num_classes, per_file=6)`` writes tiny files in torchvision's
+    CIFAR layout (pickled dicts of uint8 rows, labels ``i % num_classes``) and lets torchvision
+    read them (it checks the md5 of the real release files, which tiny files cannot match)."""
+    import pickle
+
+    import numpy as np
+    import torchvision.datasets.cifar as tv_cifar
+
+    monkeypatch.setattr(tv_cifar, "check_integrity", lambda *args, **kwargs: True)
+
+    def write(folder, name, num_classes, per_file=6):
+        rng = np.random.default_rng(0)
+        label_key = "labels" if name == "cifar10" else "fine_labels"
+        files = [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"] if name == "cifar10" else ["train", "test"]
+        base = folder / ("cifar-10-batches-py" if name == "cifar10" else "cifar-100-python")
+        base.mkdir(parents=True)
+        for f in files:
+            batch = {"data": rng.integers(0, 256, (per_file, 3072), dtype=np.uint8),
+                     label_key: [i % num_classes for i in range(per_file)]}
+            with open(base / f, "wb") as fh:
+                pickle.dump(batch, fh)
+        meta_key, meta_file = ("label_names", "batches.meta") if name == "cifar10" else ("fine_label_names", "meta")
+        with open(base / meta_file, "wb") as fh:
+            pickle.dump({meta_key: [f"c{i}" for i in range(num_classes)]}, fh)
+        return folder
+
+    return write
