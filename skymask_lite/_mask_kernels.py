@@ -308,7 +308,7 @@ def train_mask_columns(
     block by block (Adam steps the whole gradient at once). The padded columns have zero
     gradient. Returns the logits in the same layout.
 
-    Two loops, the same arithmetic:
+    Two loops, the same operations:
 
     * plain (CPU, Adam, ``graph=False``): forward, read the loss, stop if stalled, else
       backward and step;
@@ -319,10 +319,10 @@ def train_mask_columns(
       start, so both loops take the same steps (equal on a CPU, tested). On a GPU the graph
       replaces a few hundred kernel launches per step by one, and the launches, not the
       arithmetic, were the step's cost: on an H200 the masks of 101 CNN models took 0.03 s
-      (``benchmarks/results/benchmark_cuda.json``, ``scaling``), 0.05-0.06 s before. The GPU's convolution
-      backward is not bit-deterministic, and the clipped-SGD step turns the sign of a
-      near-zero gradient into a whole step of ``M``: two runs of either loop differ in a few
-      logits (up to 4 there), and kept the same clients.
+      (``benchmarks/results/benchmark_cuda.json``, ``scaling``), 0.05-0.06 s before. The
+      GPU's convolution backward is not bit-deterministic, and the clipped-SGD step turns the
+      sign of a near-zero gradient into a whole step of ``M``: the two loops differed in a few
+      logits there (up to 4) and kept the same clients.
     """
     blocks, d = models.data, models.d
     nb, k, width = blocks.shape
