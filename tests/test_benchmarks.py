@@ -34,3 +34,50 @@ def test_headline_figures_follow_from_the_measurements(result):
     skymask = rounds["phases"][rounds["engine"]]["skymask"]
     assert result["skymask_server_share_at_100"] == pytest.approx(skymask["defense"] / skymask["total"], abs=1e-4)
     assert not result["env"]["quick"] and result["env"].get("git_dirty") is False
+
+
+@pytest.fixture(scope="module")
+def gpu_check():
+    spec = importlib.util.spec_from_file_location("gpu_check", BENCH / "gpu_check.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_committed_cuda_benchmark_agrees_with_its_markdown_and_the_gpu_check(run_module, gpu_check):
+    """The GPU files were written together: the Markdown from the JSON, and the GPU check's
+    acceptance recomputed from its own report and that JSON gives what it recorded."""
+    cuda = json.loads((BENCH / "results" / "benchmark_cuda.json").read_text())
+    assert run_module.markdown(cuda) == (BENCH / "results" / "benchmark_cuda.md").read_text()
+    report = json.loads((BENCH / "results" / "gpu_check.json").read_text())
+    assert gpu_check.acceptance(report, BENCH / "results" / "benchmark_cuda.json") == report["acceptance"]
+    skymask = cuda["rounds"]["phases"]["batched"]["skymask"]
+    assert report["acceptance"]["skymask_server_share"] == pytest.approx(skymask["defense"] / skymask["total"], abs=1e-4)
+
+
+def test_gpu_check_acceptance_reads_failures_and_targets(gpu_check, tmp_path):
+    bench = tmp_path / "bench.json"
+    bench.write_text(json.dumps({"resnet20_round": {"clients": 100, "seconds": 3.2},
+                                 "skymask_server_share_at_100": 0.08}))
+    report = {"benchmark": {}, "notebooks": {"a.ipynb": {"status": "ok"}, "b.ipynb": {"status": "failed"}},
+              "matrix": {"x": {"status": "ok"}, "y": {"status": "collapsed"}, "z": {"status": "failed"},
+                         "w": {"status": "not run (time budget)"}}}
+    out = gpu_check.acceptance(report, bench)
+    assert (out["chapters_ok"], out["chapters_failed"]) == (["a.ipynb"], ["b.ipynb"])
+    assert (out["matrix_collapsed"], out["matrix_failures"], out["matrix_not_run"]) == (["y"], ["z"], ["w"])
+    assert out["resnet20_round_ok"] is False and out["skymask_share_ok"] is True  # 3.2 s > 3 s; 8% <= 10%
+    del report["benchmark"]  # no benchmark in this run: no verdict on its targets
+    assert "skymask_share_ok" not in gpu_check.acceptance(report, bench)
+
+
+def test_gpu_check_packs_only_the_runs_a_study_gained(gpu_check, tmp_path):
+    import tarfile
+
+    (tmp_path / "share").mkdir()
+    (tmp_path / "share" / "old.json").write_text("{}")
+    before = {"share": {"old.json"}}
+    (tmp_path / "share" / "new.json").write_text("{}")
+    out = tmp_path / "studies.tar.gz"
+    assert gpu_check.pack_studies(["share"], tmp_path, before, out) == {"share": {"new_runs": 1, "runs": ["new.json"]}}
+    with tarfile.open(out) as tar:
+        assert tar.getnames() == ["share/new.json"]
