@@ -71,6 +71,7 @@ from .fl import (
     resolve_engine,
     run_round,
 )
+from ._mask_kernels import use_graph
 from .metrics import detection_rates
 from .models import NUM_CLASSES, make_model
 
@@ -158,7 +159,10 @@ def environment(
     device: str | torch.device, engine: str | None = None, code: dict[str, Any] | None = None
 ) -> dict[str, Any]:
     """Where a result was computed: versions, git commit and ``git_dirty`` (of ``code``, default:
-    :func:`code_version` now), the resolved device and engine, torch's thread count."""
+    :func:`code_version` now), the resolved device and engine, torch's thread count; on CUDA
+    also whether TF32 was allowed (``tf32``: cuDNN convolutions, cuBLAS matrix products), which
+    makes a GPU run differ from the same run on a CPU by more than float32 rounding, and
+    whether SkyMask's mask step may replay CUDA graphs (``mask_graph``)."""
     dev = resolve_device(device)
     code = code if code is not None else code_version()
     env = {
@@ -173,6 +177,9 @@ def environment(
     }
     if engine is not None:
         env["engine"] = resolve_engine(engine, dev)
+    if dev.type == "cuda":
+        env["tf32"] = {"cudnn": torch.backends.cudnn.allow_tf32, "matmul": torch.backends.cuda.matmul.allow_tf32}
+        env["mask_graph"] = use_graph(None, dev, "clipped_sgd", 1)
     return env
 
 

@@ -141,6 +141,22 @@ def test_environment_names_the_cpu_model_on_linux():
     assert env["device_name"] and env["threads"] == torch.get_num_threads()
 
 
+def test_environment_on_cuda_records_tf32_and_the_mask_graph(monkeypatch):
+    """A GPU run records what makes it differ from a CPU run (TF32) and how the mask step ran;
+    a CPU run records neither (checked here without a GPU: the device lookups are faked)."""
+    assert "tf32" not in experiments.environment("cpu") and "mask_graph" not in experiments.environment("cpu")
+    monkeypatch.setattr(experiments, "resolve_device", lambda device: torch.device("cuda", 0))
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device: "a GPU")
+    monkeypatch.delenv("SKYMASK_MASK_GRAPH", raising=False)
+    matmul = torch.backends.cuda.matmul.allow_tf32
+    for cudnn in (True, False):
+        monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", cudnn)
+        env = experiments.environment("cuda")
+        assert env["tf32"] == {"cudnn": cudnn, "matmul": matmul} and env["mask_graph"] is True
+    monkeypatch.setenv("SKYMASK_MASK_GRAPH", "0")
+    assert experiments.environment("cuda")["mask_graph"] is False
+
+
 def test_run_name_and_identity_ignore_device_engine_and_threads():
     here = Config(**TINY, device="cpu", engine="loop", threads=1)
     there = Config(**TINY, device="auto", engine="parallel", threads=None)
