@@ -69,3 +69,21 @@ def fake_cifar(monkeypatch):
         return folder
 
     return write
+
+
+@pytest.fixture
+def cli_run(tmp_path):
+    """``cli_run(*args)``: ``python -m skymask_lite run`` for one round of 10 clients of logistic
+    regression on 2,000 images, plus ``args``; checks the exit code and returns the results."""
+    import json
+
+    from skymask_lite.__main__ import main
+
+    def run(*args: str) -> dict:
+        out = tmp_path / "cli.json"
+        code = main(["run", "--model", "lr", "--num-clients", "10", "--train-size", "2000", "--rounds", "1",
+                     "--no-progress", *args, "--out", str(out)])
+        assert code == 0
+        return json.loads(out.read_text())
+
+    return run

@@ -1,11 +1,8 @@
 """The attack that knows SkyMask (``adaptive_skymask``) and the attackers' own data in the round context."""
 
-import json
-
 import pytest
 import torch
 
-from skymask_lite.__main__ import main
 from skymask_lite.attacks import (
     ATTACKS,
     AdaptiveSkyMask,
@@ -153,13 +150,9 @@ def test_runs_in_a_federation_against_skymask():
     assert "attack_info" not in run_round(fed, state, make_attack("min_max"), make_defense("skymask"))
 
 
-def test_runs_from_the_command_line(tmp_path):
-    out = tmp_path / "adaptive.json"
-    code = main(["run", "--model", "lr", "--num-clients", "10", "--train-size", "2000", "--rounds", "1",
-                 "--attack", "adaptive_skymask", "--num-malicious", "3", "--defense", "skymask", "--no-progress",
-                 "--attack-option", "search_steps=2", "--out", str(out)])
-    assert code == 0
-    results = json.loads(out.read_text())
+def test_runs_from_the_command_line(cli_run):
+    results = cli_run("--attack", "adaptive_skymask", "--num-malicious", "3", "--defense", "skymask",
+                      "--attack-option", "search_steps=2")
     assert results["config"]["attack"] == "adaptive_skymask"
     assert results["config"]["attack_options"] == {"search_steps": 2}
     assert results["rounds"][0]["attack_info"]["calls"] <= 3

@@ -543,14 +543,7 @@ def test_fang_krum_spread_rows_are_still_selected_by_krum(seed):
     assert krum_scores(torch.cat([rows, benign]), f).argmin().item() < f
 
 
-def test_spread_is_an_attack_option_from_the_command_line(tmp_path):
-    import json
-
-    from skymask_lite.__main__ import main
-
-    out = tmp_path / "spread.json"
-    code = main(["run", "--model", "lr", "--num-clients", "10", "--train-size", "2000", "--rounds", "1",
-                 "--attack", "min_max", "--num-malicious", "3", "--defense", "median", "--no-progress",
-                 "--attack-option", "spread=0.1", "--out", str(out)])
-    assert code == 0
-    assert json.loads(out.read_text())["config"]["attack_options"] == {"spread": 0.1}
+def test_spread_is_an_attack_option_from_the_command_line(cli_run):
+    results = cli_run("--attack", "min_max", "--num-malicious", "3", "--defense", "median",
+                      "--attack-option", "spread=0.1")
+    assert results["config"]["attack_options"] == {"spread": 0.1}

@@ -1,6 +1,3 @@
-import pickle
-
-import numpy as np
 import pytest
 import torch
 

@@ -74,15 +74,11 @@ def test_grid_and_load_results(tmp_path):
         grid(Config(), colour=["red"])
 
 
-def test_cli_run_writes_results(tmp_path, capsys):
-    out = tmp_path / "cli.json"
-    code = main(["run", "--model", "lr", "--num-clients", "10", "--train-size", "2000", "--rounds", "1",
-                 "--attack", "min_max", "--num-malicious", "2", "--defense", "median", "--no-progress",
-                 "--attack-option", "perturbation=std", "--out", str(out)])
-    assert code == 0
-    results = json.loads(out.read_text())
+def test_cli_run_writes_results(cli_run, tmp_path, capsys):
+    results = cli_run("--attack", "min_max", "--num-malicious", "2", "--defense", "median",
+                      "--attack-option", "perturbation=std")
     assert results["config"]["attack_options"] == {"perturbation": "std"}
-    assert json.loads(capsys.readouterr().out)["out"] == str(out)
+    assert json.loads(capsys.readouterr().out)["out"] == str(tmp_path / "cli.json")
 
 
 @pytest.mark.parametrize(
