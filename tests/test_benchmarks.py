@@ -9,12 +9,17 @@ import pytest
 BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
 
 
-@pytest.fixture(scope="module")
-def run_module():
-    spec = importlib.util.spec_from_file_location("benchmark_run", BENCH / "run.py")
+def _script(name: str):
+    """A script of ``benchmarks/`` imported as a module (they are not a package)."""
+    spec = importlib.util.spec_from_file_location(f"benchmarks_{name}", BENCH / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+@pytest.fixture(scope="module")
+def run_module():
+    return _script("run")
 
 
 @pytest.fixture(scope="module")
@@ -38,10 +43,7 @@ def test_headline_figures_follow_from_the_measurements(result):
 
 @pytest.fixture(scope="module")
 def gpu_check():
-    spec = importlib.util.spec_from_file_location("gpu_check", BENCH / "gpu_check.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return _script("gpu_check")
 
 
 def test_committed_cuda_benchmark_agrees_with_its_markdown_and_the_gpu_check(run_module, gpu_check):
