@@ -149,13 +149,19 @@ def test_cifar_study_holds_the_papers_cifar_rows():
     from skymask_lite import studies
 
     configs = study_configs("cifar")
-    assert len({run_name(c) for c in configs}) == len(configs) == 2 * 4 * 3
+    assert len({run_name(c) for c in configs}) == len(configs) == 24 + 7 + 6 + 2
     for config in configs:
         config.validate()
-        assert (config.model, config.num_clients, config.num_malicious, config.bias) == ("resnet20", 100, 20, 0.5)
+        assert (config.model, config.bias, config.root_size, config.seed) == ("resnet20", 0.5, 100, 0)
         assert config.defense_options == ({"lr": 1e8} if config.defense == "skymask" else {})
-    rows = {(c.dataset, c.attack) for c in configs}
-    assert rows == {(d, a) for d in studies.CIFAR_DATASETS for a in ("none", "min_max", "fang_trim", "fang_krum")}
+    main = {(c.dataset, c.attack, c.defense) for c in configs if (c.num_clients, c.num_malicious) == (100, 20)}
+    assert {(d, a, r) for d in studies.CIFAR_DATASETS for a in ("none", "min_max", "fang_trim", "fang_krum")
+            for r in ("fedavg", "fltrust", "skymask")} <= main
+    for rule in ("tolpegin", "fldetector", "skymask"):  # the paper's CIFAR-10 detection table
+        assert {("cifar10", a, rule) for a in ("min_max", "min_sum", "fang_krum")} <= main
+    shares = {(c.num_malicious, c.defense) for c in configs if c.num_malicious > 20 and c.num_clients == 100}
+    assert shares == {(f, r) for f in (40, 60, 80) for r in ("skymask", "fltrust")}
+    assert {(c.num_clients, c.num_malicious) for c in configs if c.num_clients > 100} == {(200, 40), (500, 100)}
 
 
 def test_a_cifar_row_runs_end_to_end_on_tiny_cifar_files(tmp_path, monkeypatch, fake_cifar):
@@ -168,7 +174,8 @@ def test_a_cifar_row_runs_end_to_end_on_tiny_cifar_files(tmp_path, monkeypatch, 
 
     monkeypatch.setenv("SKYMASK_DATA", str(fake_cifar(tmp_path / "data", "cifar10", 10, per_file=40)))
     [row] = [c for c in study_configs("cifar")
-             if (c.dataset, c.attack, c.defense) == ("cifar10", "min_max", "skymask")]
+             if (c.dataset, c.attack, c.defense, c.num_clients, c.num_malicious)
+             == ("cifar10", "min_max", "skymask", 100, 20)]
     small = dataclasses.replace(row, num_clients=10, num_malicious=2, root_size=10, rounds=1, threads=1)
     result = run_experiment(small, progress=False)
     assert result["config"]["model"] == "resnet20" and len(result["rounds"]) == 1
