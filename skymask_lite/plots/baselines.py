@@ -202,16 +202,18 @@ def setting_curves(
         raise ValueError(f"the table has no column(s) {missing}; give a run_table()")
     labels = labels or {}
     names = list(dict.fromkeys(table[panel]))
+    lines = list(dict.fromkeys(table[series]))  # one style per series in every panel
     fig, axes = panels([labels.get(n, n) for n in names], title=title, sharey=True)
+    legend: dict[str, object] = {}
     for ax, name in zip(axes, names):
         rows = table[table[panel] == name]
-        for k, (line, points) in enumerate(rows.groupby(series, sort=False)):
+        for line, points in rows.groupby(series, sort=False):
             label = labels.get(line, line)
             points = points.sort_values(setting)
-            ax.plot(points[setting], points[value], label=label, marker="o", markersize=4,
-                    **series_style(k, label, colors))
+            (legend[label],) = ax.plot(points[setting], points[value], label=label, marker="o", markersize=4,
+                                       **series_style(lines.index(line), label, colors))
         ax.set_xticks(sorted(table[setting].unique()))
     fig.supxlabel(xlabel or setting, fontsize=SMALL_FONT + 1)
     axes[0].set_ylabel(METRIC_LABELS.get(value, value))
-    fig.legend(*axes[0].get_legend_handles_labels(), loc="outside right upper", fontsize=SMALL_FONT)
+    fig.legend(list(legend.values()), list(legend), loc="outside right upper", fontsize=SMALL_FONT)
     return fig
