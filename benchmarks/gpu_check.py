@@ -199,33 +199,34 @@ import os, sys
 from pathlib import Path
 from skymask_lite.config import run_name
 from skymask_lite.experiments import run_grid
-from skymask_lite.studies import study_configs
-for name in sys.argv[1].split(","):
+from skymask_lite.studies import study_queue
+for name, config in study_queue(sys.argv[1].split(","), seed_first=sys.argv[3] == "seed-first"):
     folder = Path(sys.argv[2]) / name
     folder.mkdir(parents=True, exist_ok=True)
-    for config in study_configs(name):
-        stem = run_name(config)
-        if (folder / f"{stem}.json").exists():
-            continue
-        try:  # claim the run: the first worker to create the file computes it
-            os.close(os.open(folder / f".claim-{stem}", os.O_CREAT | os.O_EXCL))
-        except FileExistsError:
-            continue
-        run_grid([config], folder, progress=False)
+    stem = run_name(config)
+    if (folder / f"{stem}.json").exists():
+        continue
+    try:  # claim the run: the first worker to create the file computes it
+        os.close(os.open(folder / f".claim-{stem}", os.O_CREAT | os.O_EXCL))
+    except FileExistsError:
+        continue
+    run_grid([config], folder, progress=False)
 """
 
 
-def start_studies(names: list[str], folder: Path, workers: int, deadline: float) -> list[subprocess.Popen]:
+def start_studies(names: list[str], folder: Path, workers: int, deadline: float,
+                  seed_first: bool = False) -> list[subprocess.Popen]:
     """The studies ``names`` (:mod:`skymask_lite.studies`) as one queue, in the given order, each
-    study's runs in its own order, pulled by ``workers`` processes (a run is claimed by the first
-    worker that reaches it); every process is stopped after ``deadline`` seconds (finished runs
-    stay). Runs already in ``folder/<study>/`` (copy the committed ones in) are skipped."""
+    study's runs in its own order (``seed_first``: every seed 0 first, :func:`study_queue`),
+    pulled by ``workers`` processes (a run is claimed by the first worker that reaches it);
+    every process is stopped after ``deadline`` seconds (finished runs stay). Runs already in ``folder/<study>/`` (copy the committed ones in) are skipped."""
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": SIDE_THREADS}
     for name in names:  # claims of an earlier, stopped queue
         for claim in (folder / name).glob(".claim-*"):
             claim.unlink()
     return [subprocess.Popen(["timeout", str(int(deadline)), sys.executable, "-c", STUDY_WORKER, ",".join(names),
-                              str(folder)], cwd=ROOT, env=env) for _ in range(workers)]
+                              str(folder), "seed-first" if seed_first else "study"], cwd=ROOT, env=env)
+            for _ in range(workers)]
 
 
 def pack_studies(names: list[str], folder: Path, before: dict[str, set[str]], out: Path) -> dict:
@@ -292,6 +293,8 @@ def main() -> None:
     parser.add_argument("--study", nargs="*", default=[],
                         help="also run these studies of skymask_lite.studies, one queue in this order; "
                              "the new runs are packed as <out-dir>/studies.tar.gz")
+    parser.add_argument("--seed-first", action="store_true",
+                        help="the studies' seed 0 runs before any seed 1 (whole one-seed tables if cut short)")
     parser.add_argument("--study-workers", type=int, default=3, help="processes pulling the studies' runs")
     parser.add_argument("--study-dir", type=Path, default=ROOT / "data" / "results",
                         help="folder of the study folders; their runs are skipped, the new ones packed")
@@ -340,7 +343,8 @@ def main() -> None:
     deadline = args.study_deadline
     if args.end_by is not None:
         deadline = min(deadline, args.end_by - (time.perf_counter() - start))
-    study = start_studies(args.study, args.study_dir, args.study_workers, deadline) if args.study and deadline > 0 else []
+    study = (start_studies(args.study, args.study_dir, args.study_workers, deadline, args.seed_first)
+             if args.study and deadline > 0 else [])
     out_json = args.out_dir / ("gpu_check_quick.json" if args.quick else "gpu_check.json")
 
     def save() -> None:  # after every part, so that a run stopped from outside still leaves its report

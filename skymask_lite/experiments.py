@@ -65,6 +65,7 @@ from .fl import (
     LocalRecipe,
     LocalTrainingDiverged,
     State,
+    cudnn_autotune_enabled,
     derive_seed,
     evaluate,
     initial_state,
@@ -162,7 +163,8 @@ def environment(
     :func:`code_version` now), the resolved device and engine, torch's thread count; on CUDA
     also whether TF32 was allowed (``tf32``: cuDNN convolutions, cuBLAS matrix products), which
     makes a GPU run differ from the same run on a CPU by more than float32 rounding, and
-    whether SkyMask's mask step may replay CUDA graphs (``mask_graph``)."""
+    whether SkyMask's mask step may replay CUDA graphs (``mask_graph``) and the batched engine
+    lets cuDNN time its convolutions (``cudnn_benchmark``)."""
     dev = resolve_device(device)
     code = code if code is not None else code_version()
     env = {
@@ -180,6 +182,7 @@ def environment(
     if dev.type == "cuda":
         env["tf32"] = {"cudnn": torch.backends.cudnn.allow_tf32, "matmul": torch.backends.cuda.matmul.allow_tf32}
         env["mask_graph"] = use_graph(None, dev, "clipped_sgd", 1)
+        env["cudnn_benchmark"] = cudnn_autotune_enabled()
     return env
 
 

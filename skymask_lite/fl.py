@@ -29,11 +29,13 @@ from __future__ import annotations
 
 import copy
 import math
+import os
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import numpy as np
 import torch
@@ -49,7 +51,7 @@ from .models import channels_last, flatten_params, float_buffers, load_flat, unf
 __all__ = [
     "ATTACKER_STREAM", "CLIENT_STREAM", "ENGINES", "POISON_STREAM", "ROOT_STREAM", "ROUND_STREAM", "SUBSET_STREAM",
     "Federation", "LocalTrainingDiverged", "State", "attacker_sample", "check_local_training", "client_batches",
-    "client_schedules", "derive_seed",
+    "client_schedules", "conv_autotune", "cudnn_autotune_enabled", "derive_seed",
     "evaluate", "initial_state", "local_sgd", "predict", "resolve_engine", "root_batches",
     "root_steps_like_clients", "round_context", "round_updates", "run_round", "server_step", "train_clients",
     "train_clients_batched", "train_clients_loop", "train_clients_parallel", "train_root",
@@ -169,9 +171,53 @@ def train_clients_batched(
     or smaller batches is padded with zero-weight examples, so its loss is still the mean over its
     real examples. Models with BatchNorm statistics cannot be padded (a padded example would enter
     the batch statistics), so ``_train_batched_with_buffers`` groups the clients by batch size.
+
+    On CUDA, cuDNN times its convolution algorithms for these shapes (:func:`conv_autotune`):
+    under ``vmap`` every convolution is one grouped convolution over all clients, a shape whose
+    default algorithm can be several times slower than the best.
     """
-    if global_buffers:
-        return _train_batched_with_buffers(net, global_params, data, recipe, schedules, global_buffers)
+    train = _train_batched_with_buffers if global_buffers else _train_batched_padded
+    with conv_autotune(global_params.device):
+        return train(net, global_params, data, recipe, schedules, global_buffers)
+
+
+@contextmanager
+def conv_autotune(device: torch.device) -> Iterator[None]:
+    """On CUDA, let cuDNN time the convolution algorithms (``torch.backends.cudnn.benchmark``)
+    inside the block, and restore the setting after it; elsewhere do nothing.
+
+    ``SKYMASK_CUDNN_BENCHMARK=0`` switches it off (cuDNN's default choice; the algorithm timed
+    may differ between runs, so a GPU result is not bit-reproducible either way).
+    """
+    if device.type != "cuda" or not cudnn_autotune_enabled():
+        yield
+        return
+    before = torch.backends.cudnn.benchmark
+    torch.backends.cudnn.benchmark = True
+    try:
+        yield
+    finally:
+        torch.backends.cudnn.benchmark = before
+
+
+def cudnn_autotune_enabled() -> bool:
+    """Whether the batched engine lets cuDNN time convolutions on CUDA: ``SKYMASK_CUDNN_BENCHMARK``
+    ``"1"`` (the default) or ``"0"``."""
+    value = os.environ.get("SKYMASK_CUDNN_BENCHMARK", "1")
+    if value not in ("0", "1"):
+        raise ValueError(f"SKYMASK_CUDNN_BENCHMARK must be 0 or 1, got {value!r}")
+    return value == "1"
+
+
+def _train_batched_padded(
+    net: nn.Module,
+    global_params: torch.Tensor,
+    data: list[tuple[torch.Tensor, torch.Tensor]],
+    recipe: LocalRecipe,
+    schedules: list[list[torch.Tensor]],
+    global_buffers: dict[str, torch.Tensor] | None = None,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """The batched engine for models without buffers: every client padded to the same steps."""
     device, n = global_params.device, len(data)
     steps = max(len(s) for s in schedules)
     # index [n, steps, B] into each client's padded data, weight 0 marks padding
@@ -234,24 +280,45 @@ def _train_batched_with_buffers(
     step = vmap(grad(loss_fn, has_aux=True))
     net.train()
     everyone = torch.arange(m, device=device)
+    for clients, idx in _buffered_plan(schedules, device):
+        if clients is None:  # every client has a batch of this size: no gather, no scatter
+            grads, floats = step(params, floats, {k: v.clone() for k, v in counters.items()},
+                                 xs[everyone.unsqueeze(1), idx], ys[everyone.unsqueeze(1), idx])
+            if recipe.grad_clip is not None:
+                grads = grads.clamp_(-recipe.grad_clip, recipe.grad_clip)
+            params -= recipe.lr * grads
+            continue
+        grads, stats = step(
+            params[clients], {k: v[clients] for k, v in floats.items()}, {k: v[clients] for k, v in counters.items()},
+            xs[clients.unsqueeze(1), idx], ys[clients.unsqueeze(1), idx],
+        )
+        if recipe.grad_clip is not None:
+            grads = grads.clamp_(-recipe.grad_clip, recipe.grad_clip)
+        params[clients] -= recipe.lr * grads
+        for k, v in stats.items():
+            floats[k][clients] = v
+    return params - global_params, floats
+
+
+def _buffered_plan(
+    schedules: list[list[torch.Tensor]], device: torch.device,
+) -> list[tuple[torch.Tensor | None, torch.Tensor]]:
+    """The batched BatchNorm engine's calls in order: ``(clients, idx)`` per step and batch size,
+    ``clients`` the rows that train (``None``: all of them) and ``idx [k, B]`` their examples.
+
+    Planned on the CPU and moved to ``device`` in one copy each, so the training loop makes no
+    host-to-device copy per step.
+    """
+    m, calls = len(schedules), []
     for s in range(max(len(schedule) for schedule in schedules)):
         groups: dict[int, list[int]] = {}
         for i, schedule in enumerate(schedules):
             if s < len(schedule):
                 groups.setdefault(len(schedule[s]), []).append(i)
-        for clients in groups.values():
-            rows = everyone if len(clients) == m else torch.tensor(clients, device=device)
-            idx = torch.stack([schedules[i][s] for i in clients]).to(device)  # [k, B]
-            grads, stats = step(
-                params[rows], {k: v[rows] for k, v in floats.items()}, {k: v[rows] for k, v in counters.items()},
-                xs[rows.unsqueeze(1), idx], ys[rows.unsqueeze(1), idx],
-            )
-            if recipe.grad_clip is not None:
-                grads = grads.clamp_(-recipe.grad_clip, recipe.grad_clip)
-            params[rows] -= recipe.lr * grads
-            for k, v in stats.items():
-                floats[k][rows] = v
-    return params - global_params, floats
+        calls += [(clients, torch.stack([schedules[i][s] for i in clients])) for clients in groups.values()]
+    idx = torch.cat([i.reshape(-1) for _, i in calls]).to(device).split([i.numel() for _, i in calls])
+    rows = torch.cat([torch.tensor(c) for c, _ in calls]).to(device).split([len(c) for c, _ in calls])
+    return [(None if len(c) == m else r, i.view(len(c), -1)) for (c, _), r, i in zip(calls, rows, idx)]
 
 
 def train_clients_parallel(

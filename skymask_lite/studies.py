@@ -31,6 +31,7 @@ __all__ = [
     "share_study",
     "skymask_study",
     "study_configs",
+    "study_queue",
 ]
 
 DECISION_BIAS = (0.1, 0.3, 0.5, 0.7, 0.8, 0.9)
@@ -287,6 +288,14 @@ def study_configs(name: str) -> list[Config]:
     if name not in STUDIES:
         raise ValueError(f"unknown study {name!r}; choose one of {sorted(STUDIES)}")
     return STUDIES[name]()
+
+
+def study_queue(names: list[str], seed_first: bool = False) -> list[tuple[str, Config]]:
+    """The runs of the studies ``names`` as one queue of ``(study, config)``: study after study,
+    each in its own order, or with ``seed_first`` every study's seed 0 before any seed 1 (a
+    stable sort by seed), so that a queue cut short leaves whole single-seed tables."""
+    queue = [(name, config) for name in names for config in study_configs(name)]
+    return sorted(queue, key=lambda item: item[1].seed) if seed_first else queue
 
 
 def shard(configs: list[Config], spec: str) -> list[Config]:

@@ -57,6 +57,16 @@ def test_committed_cuda_benchmark_agrees_with_its_markdown_and_the_gpu_check(run
     assert report["acceptance"]["skymask_server_share"] == pytest.approx(skymask["defense"] / skymask["total"], abs=1e-4)
 
 
+def test_markdown_names_the_resnet_round_under_both_cudnn_settings(run_module):
+    """A CUDA benchmark's ResNet20 line gives the round with cuDNN's own timing and without."""
+    cuda = json.loads((BENCH / "results" / "benchmark_cuda.json").read_text())
+    cuda["resnet20_round"].update(seconds=1.5, cudnn_benchmark=True, seconds_other_cudnn_setting=3.25)
+    text = run_module.markdown(cuda)
+    assert "**1.50 s**" in text and "algorithms timed by cuDNN; with cuDNN's default algorithms: 3.25 s." in text
+    cuda["resnet20_round"]["cudnn_benchmark"] = False
+    assert "cuDNN's default algorithms; with algorithms timed by cuDNN: 3.25 s." in run_module.markdown(cuda)
+
+
 def test_gpu_check_acceptance_reads_failures_and_targets(gpu_check, tmp_path):
     bench = tmp_path / "bench.json"
     bench.write_text(json.dumps({"resnet20_round": {"clients": 100, "seconds": 3.2},

@@ -137,20 +137,24 @@ def test_environment_names_the_cpu_model_on_linux():
     assert env["device_name"] and env["threads"] == torch.get_num_threads()
 
 
-def test_environment_on_cuda_records_tf32_and_the_mask_graph(monkeypatch):
-    """A GPU run records what makes it differ from a CPU run (TF32) and how the mask step ran;
-    a CPU run records neither (checked here without a GPU: the device lookups are faked)."""
-    assert "tf32" not in experiments.environment("cpu") and "mask_graph" not in experiments.environment("cpu")
+def test_environment_on_cuda_records_tf32_the_mask_graph_and_autotuning(monkeypatch):
+    """A GPU run records what makes it differ from a CPU run (TF32), how the mask step ran and
+    whether cuDNN timed its convolutions; a CPU run records none (checked here without a GPU: the device lookups are faked)."""
+    assert not {"tf32", "mask_graph", "cudnn_benchmark"} & experiments.environment("cpu").keys()
     monkeypatch.setattr(experiments, "resolve_device", lambda device: torch.device("cuda", 0))
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda device: "a GPU")
     monkeypatch.delenv("SKYMASK_MASK_GRAPH", raising=False)
+    monkeypatch.delenv("SKYMASK_CUDNN_BENCHMARK", raising=False)
     matmul = torch.backends.cuda.matmul.allow_tf32
     for cudnn in (True, False):
         monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", cudnn)
         env = experiments.environment("cuda")
         assert env["tf32"] == {"cudnn": cudnn, "matmul": matmul} and env["mask_graph"] is True
+        assert env["cudnn_benchmark"] is True
     monkeypatch.setenv("SKYMASK_MASK_GRAPH", "0")
-    assert experiments.environment("cuda")["mask_graph"] is False
+    monkeypatch.setenv("SKYMASK_CUDNN_BENCHMARK", "0")
+    env = experiments.environment("cuda")
+    assert env["mask_graph"] is False and env["cudnn_benchmark"] is False
 
 
 def test_run_name_and_identity_ignore_device_engine_and_threads():

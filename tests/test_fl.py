@@ -13,6 +13,8 @@ from skymask_lite.fl import (
     LocalRecipe,
     client_batches,
     client_schedules,
+    conv_autotune,
+    cudnn_autotune_enabled,
     derive_seed,
     initial_state,
     local_sgd,
@@ -127,6 +129,49 @@ def test_batched_engine_carries_batchnorm_statistics_like_the_loop():
     for name in buffers:
         assert not torch.equal(loop_buf[name][0], buffers[name])  # the statistics did move
         torch.testing.assert_close(batched_buf[name], loop_buf[name], atol=1e-12, rtol=1e-10)
+
+
+def test_conv_autotune_switches_cudnn_benchmark_on_cuda_only_and_restores_it(monkeypatch):
+    """The batched engine's cuDNN autotuning: on inside the block on a CUDA device (a device
+    object needs no GPU), the previous setting back after it, also after an error; nothing on
+    the CPU; ``SKYMASK_CUDNN_BENCHMARK=0`` switches it off and any other value is an error."""
+    monkeypatch.delenv("SKYMASK_CUDNN_BENCHMARK", raising=False)
+    monkeypatch.setattr(torch.backends.cudnn, "benchmark", False)
+    with conv_autotune(torch.device("cpu")):
+        assert torch.backends.cudnn.benchmark is False
+    with pytest.raises(RuntimeError, match="inside"):
+        with conv_autotune(torch.device("cuda", 0)):
+            assert torch.backends.cudnn.benchmark is True
+            raise RuntimeError("inside")
+    assert torch.backends.cudnn.benchmark is False
+    monkeypatch.setenv("SKYMASK_CUDNN_BENCHMARK", "0")
+    with conv_autotune(torch.device("cuda", 0)):
+        assert torch.backends.cudnn.benchmark is False
+    monkeypatch.setenv("SKYMASK_CUDNN_BENCHMARK", "yes")
+    with pytest.raises(ValueError, match="SKYMASK_CUDNN_BENCHMARK must be 0 or 1"):
+        cudnn_autotune_enabled()
+
+
+def test_batched_engine_trains_inside_conv_autotune(monkeypatch):
+    """Both batched paths (padded, BatchNorm) train inside ``conv_autotune`` of their device."""
+    import contextlib
+
+    from skymask_lite import fl
+
+    seen = []
+
+    @contextlib.contextmanager
+    def record(device):
+        seen.append(device)
+        yield
+
+    monkeypatch.setattr(fl, "conv_autotune", record)
+    recipe = LocalRecipe(lr=0.05, batch_size=4, epochs=1)
+    for model, shape in (("cnn", (1, 28, 28)), ("resnet20", (3, 32, 32))):
+        net = make_model(model, "cifar10" if model == "resnet20" else "fmnist")
+        w, buffers = flatten_params(net), float_buffers(net)
+        train_clients(net, w, _clients(2, sizes=(4, 4), shape=shape), recipe, [1, 2], buffers, engine="batched")
+    assert seen == [torch.device("cpu")] * 2
 
 
 def test_batched_engine_runs_a_resnet_round_like_the_loop():

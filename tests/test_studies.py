@@ -2,7 +2,7 @@ import pytest
 
 from skymask_lite.__main__ import main
 from skymask_lite.experiments import run_name
-from skymask_lite.studies import DECISION_ALPHA, DECISION_ATTACKS, DECISION_BIAS, STUDIES, study_configs
+from skymask_lite.studies import DECISION_ALPHA, DECISION_ATTACKS, DECISION_BIAS, STUDIES, study_configs, study_queue
 
 
 def test_decision_study_covers_its_grid_once():
@@ -180,3 +180,17 @@ def test_a_cifar_row_runs_end_to_end_on_tiny_cifar_files(tmp_path, monkeypatch, 
     result = run_experiment(small, progress=False)
     assert result["config"]["model"] == "resnet20" and len(result["rounds"]) == 1
     assert result["rounds"][0]["fnr"] == 0.0  # the two colluding attackers were dropped
+
+
+def test_study_queue_keeps_each_study_whole_or_puts_every_seed_0_first():
+    """Study order: the studies' configs one after the other. Seed first: the same runs, seeds
+    never decreasing, and within a seed each study's own order (the sort is stable)."""
+    names = ["baselines", "adaptive"]
+    plain = study_queue(names)
+    assert plain == [(n, c) for n in names for c in study_configs(n)]
+    first = study_queue(names, seed_first=True)
+    assert sorted(map(repr, first)) == sorted(map(repr, plain)) and len(first) == len(plain)
+    seeds = [c.seed for _, c in first]
+    assert seeds == sorted(seeds) and len(set(seeds)) == 3
+    for seed in set(seeds):
+        assert [x for x in first if x[1].seed == seed] == [x for x in plain if x[1].seed == seed]
