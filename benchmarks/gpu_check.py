@@ -71,6 +71,8 @@ def execute_notebook(path: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
+    import matplotlib.pyplot as plt  # also for a chapter that never imports it (e.g. 11 without CIFAR)
+
     cells = json.loads(path.read_text())["cells"]
     namespace: dict = {"__name__": "__main__", "display": _display()}
     for number, cell in enumerate(cells):
@@ -83,7 +85,7 @@ def execute_notebook(path: Path) -> None:
         except Exception:
             print(f"{path.name}: cell {number} failed", file=sys.stderr)
             raise
-        matplotlib.pyplot.close("all")
+        plt.close("all")
 
 
 SIDE_THREADS = "2"  # torch threads of each process that runs beside others (notebooks, study workers)

@@ -93,3 +93,18 @@ def test_gpu_check_packs_only_the_runs_a_study_gained(gpu_check, tmp_path):
     assert gpu_check.pack_studies(["share"], tmp_path, before, out) == {"share": {"new_runs": 1, "runs": ["new.json"]}}
     with tarfile.open(out) as tar:
         assert tar.getnames() == ["share/new.json"]
+
+
+def test_gpu_check_executes_a_notebook_that_never_imports_pyplot(gpu_check, tmp_path):
+    """The GPU check's notebook runner: code cells in order in one namespace, shell and magic
+    lines dropped, ``nbval-skip`` cells skipped, and no dependence on the chapter importing
+    pyplot (chapter 11 without CIFAR does not; the first GPU run of it failed on that)."""
+    cells = [{"cell_type": "markdown", "metadata": {}, "source": ["# title"]},
+             {"cell_type": "code", "metadata": {}, "source": ["%matplotlib inline\n", "x = 20\n"]},
+             {"cell_type": "code", "metadata": {"tags": ["nbval-skip"]}, "source": ["raise SystemExit"]},
+             {"cell_type": "code", "metadata": {}, "source": ["import pathlib\n",
+                                                               f"pathlib.Path({str(tmp_path / 'x')!r}).write_text(str(x + 1))"]}]
+    path = tmp_path / "chapter.ipynb"
+    path.write_text(json.dumps({"cells": cells, "metadata": {}, "nbformat": 4, "nbformat_minor": 5}))
+    gpu_check.execute_notebook(path)
+    assert (tmp_path / "x").read_text() == "21"
