@@ -314,10 +314,13 @@ def main() -> None:
         execute_notebook(args.execute_notebook)
         return
     sys.path.insert(0, str(ROOT))
-    from skymask_lite.experiments import environment
+    from skymask_lite.experiments import code_version, environment
 
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         sys.exit("error: CUDA is not available here; run on a GPU machine, or pass --device cpu --quick")
+    problem = commit_mismatch(args.commit, code_version())
+    if problem:
+        sys.exit(f"error: {problem}")
     args.out_dir.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
     report: dict = {"env": environment(args.device)}
@@ -373,6 +376,24 @@ def main() -> None:
     report["acceptance"] = acceptance(report, args.out_dir / f"benchmark_{'quick' if args.quick else args.device.split(':')[0]}.json")
     save()
     print(json.dumps(report["acceptance"], indent=1))
+
+
+def commit_mismatch(commit: str | None, code: dict) -> str | None:
+    """Why ``--commit`` and the copy's own git history disagree, or ``None``.
+
+    Every results file records the commit its process finds in git (``code_version``), not
+    ``--commit``: a stale ``.git`` left on the machine by an earlier copy would stamp every run
+    with the wrong commit (it happened once: the runs said 5ba5561, the code was 1e3324a).
+    """
+    if commit is None or code["git_commit"] is None:
+        return None  # nothing to compare: no --commit, or no git history at all
+    if not code["git_commit"].startswith(commit) and not commit.startswith(code["git_commit"]):
+        return (f"--commit {commit[:12]} but this copy's git says {code['git_commit'][:12]}; every run "
+                "would record the latter. Remove the stale .git (or pass the right --commit)")
+    if code["git_dirty"]:
+        return (f"this copy differs from commit {code['git_commit'][:12]} in the package's tracked files; "
+                "every run would record uncommitted changes. Check out the commit cleanly")
+    return None
 
 
 def acceptance(report: dict, benchmark_path: Path) -> dict:

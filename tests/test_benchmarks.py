@@ -108,3 +108,17 @@ def test_gpu_check_executes_a_notebook_that_never_imports_pyplot(gpu_check, tmp_
     path.write_text(json.dumps({"cells": cells, "metadata": {}, "nbformat": 4, "nbformat_minor": 5}))
     gpu_check.execute_notebook(path)
     assert (tmp_path / "x").read_text() == "21"
+
+
+def test_gpu_check_refuses_a_copy_whose_git_disagrees_with_commit(gpu_check):
+    """A stale .git (another commit, or uncommitted changes) would stamp every run with the
+    wrong provenance: the check names the problem and how to fix it; no --commit, no git, or a
+    matching clean copy pass."""
+    clean = {"git_commit": "1e3324a56c0bddd6", "git_dirty": False}
+    assert gpu_check.commit_mismatch("1e3324a", clean) is None
+    assert gpu_check.commit_mismatch(None, clean) is None
+    assert gpu_check.commit_mismatch("1e3324a", {"git_commit": None, "git_dirty": None}) is None
+    stale = gpu_check.commit_mismatch("1e3324a", {"git_commit": "5ba5561db1fd", "git_dirty": True})
+    assert "git says 5ba5561db1fd" in stale and "Remove the stale .git" in stale
+    dirty = gpu_check.commit_mismatch("1e3324a", {**clean, "git_dirty": True})
+    assert "uncommitted changes" in dirty

@@ -89,7 +89,12 @@ def train(msg: Message, context: Context) -> Message:
     params, buffers = from_arrays(msg.content["arrays"], fed.net, fed.test[0].device)
     x, y = fed.client_data[pid]
     [batches] = client_schedules([(x, y)], fed.recipe, [derive_seed(fed.seed, server_round, CLIENT_STREAM, pid)])
-    local_sgd(fed.net, params, x, y, batches, fed.recipe, buffers)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # one CPU per client: the same arithmetic in any process (Ray's or this)
+    try:
+        local_sgd(fed.net, params, x, y, batches, fed.recipe, buffers)
+    finally:
+        torch.set_num_threads(threads)
     # the trained weights themselves (not params + update): the server's w_i - w is then
     # bit for bit the simulator's update
     trained = to_arrays(flatten_params(fed.net), float_buffers(fed.net), fed.net)
