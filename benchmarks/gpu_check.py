@@ -24,9 +24,10 @@ In order:
      one folder leaves exactly one results file per experiment;
    * the batched and loop engines on the device: the CNN on real Fashion-MNIST (float32) and
      ResNet20 on CIFAR-shaped random images (float64, where rounding does not blow up);
-   * with ``--study``, studies of :mod:`skymask_lite.studies` pulled from one queue by
-     ``--study-workers`` processes until ``--study-deadline``; the runs already in
-     ``--study-dir`` are skipped and the new ones packed into ``studies.tar.gz``.
+   * with ``--study``, once the matrix is done, studies of :mod:`skymask_lite.studies` pulled
+     from one queue by ``--study-workers`` processes until ``--study-deadline`` (or
+     ``--end-by``); the runs already in ``--study-dir`` are skipped and the new ones packed
+     into ``studies.tar.gz``.
 
 ``gpu_check.json`` ends with ``acceptance``: every chapter ran, the matrix has no failure other
 than recorded collapses, ResNet20's batched round of 100 clients <= 3 s, SkyMask's server step
@@ -345,11 +346,6 @@ def main() -> None:
         report["benchmark"] = {"returncode": code, "seconds": round(time.perf_counter() - t0, 1), "error": error}
         print(f"[gpu_check] benchmark: {report['benchmark']['seconds']} s, rc {code}", flush=True)
     before = {name: {p.name for p in (args.study_dir / name).glob("*.json")} for name in args.study}
-    deadline = args.study_deadline
-    if args.end_by is not None:
-        deadline = min(deadline, args.end_by - (time.perf_counter() - start))
-    study = (start_studies(args.study, args.study_dir, args.study_workers, deadline, args.seed_first)
-             if args.study and deadline > 0 else [])
     out_json = args.out_dir / ("gpu_check_quick.json" if args.quick else "gpu_check.json")
 
     def save() -> None:  # after every part, so that a run stopped from outside still leaves its report
@@ -366,6 +362,13 @@ def main() -> None:
             save()
             report["matrix"] = _guarded("matrix", attack_defense_matrix, args.device, args.quick, args.matrix_budget)
             save()
+        # the studies start after the checks: beside 12 study processes the matrix once ran 87
+        # of its 132 pairs within its budget; the chapters may still be running beside them
+        deadline = args.study_deadline
+        if args.end_by is not None:
+            deadline = min(deadline, args.end_by - (time.perf_counter() - start))
+        study = (start_studies(args.study, args.study_dir, args.study_workers, deadline, args.seed_first)
+                 if args.study and deadline > 0 else [])
         report["notebooks"] = notebooks.result()
     for proc in study:
         proc.wait()
