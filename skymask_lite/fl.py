@@ -281,22 +281,21 @@ def _train_batched_with_buffers(
     net.train()
     everyone = torch.arange(m, device=device)
     for clients, idx in _buffered_plan(schedules, device):
-        if clients is None:  # every client has a batch of this size: no gather, no scatter
-            grads, floats = step(params, floats, {k: v.clone() for k, v in counters.items()},
-                                 xs[everyone.unsqueeze(1), idx], ys[everyone.unsqueeze(1), idx])
-            if recipe.grad_clip is not None:
-                grads = grads.clamp_(-recipe.grad_clip, recipe.grad_clip)
-            params -= recipe.lr * grads
-            continue
+        rows = everyone if clients is None else clients
+        pick = (lambda t: t) if clients is None else (lambda t: t[clients])  # all clients: no gather
         grads, stats = step(
-            params[clients], {k: v[clients] for k, v in floats.items()}, {k: v[clients] for k, v in counters.items()},
-            xs[clients.unsqueeze(1), idx], ys[clients.unsqueeze(1), idx],
+            pick(params), {k: pick(v) for k, v in floats.items()}, {k: pick(v).clone() for k, v in counters.items()},
+            xs[rows.unsqueeze(1), idx], ys[rows.unsqueeze(1), idx],
         )
         if recipe.grad_clip is not None:
             grads = grads.clamp_(-recipe.grad_clip, recipe.grad_clip)
-        params[clients] -= recipe.lr * grads
-        for k, v in stats.items():
-            floats[k][clients] = v
+        if clients is None:  # no scatter either
+            params -= recipe.lr * grads
+            floats = stats
+        else:
+            params[clients] -= recipe.lr * grads
+            for k, v in stats.items():
+                floats[k][clients] = v
     return params - global_params, floats
 
 
