@@ -71,6 +71,7 @@ from .fl import (
     initial_state,
     resolve_engine,
     run_round,
+    torch_threads,
 )
 from ._mask_kernels import use_graph
 from .metrics import detection_rates
@@ -303,13 +304,8 @@ def run_experiment(
     code, device = code_version(), resolve_device(config.device)
     ckpt = _load_checkpoint(ckpt_path, config, code, device) if resume and ckpt_path else None
     locate_dataset(config.dataset, data_root)
-    old_threads = torch.get_num_threads()
-    if config.threads is not None:
-        torch.set_num_threads(config.threads)
-    try:
+    with torch_threads(config.threads):
         return _run(config, out_path, ckpt_path, ckpt, code, started, progress, data_root)
-    finally:
-        torch.set_num_threads(old_threads)
 
 
 def _run(config, out_path, ckpt_path, ckpt, code, started, progress, data_root) -> dict[str, Any]:

@@ -53,7 +53,8 @@ __all__ = [
     "Federation", "LocalTrainingDiverged", "State", "attacker_sample", "check_local_training", "client_batches",
     "client_schedules", "conv_autotune", "cudnn_autotune_enabled", "derive_seed",
     "evaluate", "initial_state", "local_sgd", "predict", "resolve_engine", "root_batches",
-    "root_steps_like_clients", "round_context", "round_updates", "run_round", "server_step", "train_clients",
+    "root_steps_like_clients", "round_context", "round_updates", "run_round", "server_step", "torch_threads",
+    "train_clients",
     "train_clients_batched", "train_clients_loop", "train_clients_parallel", "train_root",
 ]
 
@@ -351,14 +352,22 @@ def train_clients_parallel(
         x, y = data[i]
         return local_sgd(local.net, global_params, x, y, schedules[i], recipe, global_buffers, nhwc=True)
 
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        with ThreadPoolExecutor(workers) as pool:
-            results = list(pool.map(one_client, range(len(data))))
-    finally:
-        torch.set_num_threads(threads)
+    with torch_threads(1), ThreadPoolExecutor(workers) as pool:
+        results = list(pool.map(one_client, range(len(data))))
     return _stack_clients(results)
+
+
+@contextmanager
+def torch_threads(threads: int | None) -> Iterator[None]:
+    """Torch's intra-op thread count set to ``threads`` inside the block (``None``: unchanged),
+    the previous count restored after it, also after an error."""
+    before = torch.get_num_threads()
+    if threads is not None:
+        torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 ENGINES: dict[str, Callable[..., tuple[torch.Tensor, dict[str, torch.Tensor]]]] = {

@@ -21,6 +21,7 @@ from skymask_lite.fl import (
     predict,
     root_steps_like_clients,
     run_round,
+    torch_threads,
     train_clients,
     train_clients_parallel,
     train_root,
@@ -351,3 +352,18 @@ def test_predict_agrees_with_the_model_in_nchw_order():
     got = predict(net, w, x, batch_size=256)
     assert got.shape == (600,) and torch.equal(got, expected)
     assert len(set(expected.tolist())) > 1  # a constant prediction would make the check above weak
+
+
+def test_torch_threads_sets_and_restores_the_thread_count():
+    """Inside: the count asked for (``None`` leaves it); after: the previous one, also after
+    an error."""
+    before = torch.get_num_threads()
+    with torch_threads(1):
+        assert torch.get_num_threads() == 1
+    assert torch.get_num_threads() == before
+    with torch_threads(None):
+        assert torch.get_num_threads() == before
+    with pytest.raises(RuntimeError, match="inside"):
+        with torch_threads(1):
+            raise RuntimeError("inside")
+    assert torch.get_num_threads() == before

@@ -43,7 +43,7 @@ from flwr.serverapp import Grid, ServerApp  # noqa: E402
 from flwr.supercore.task_identity import TaskIdentity  # noqa: E402
 
 from ..experiments import Config, build, environment, summarize  # noqa: E402
-from ..fl import CLIENT_STREAM, Federation, client_schedules, derive_seed, initial_state, local_sgd  # noqa: E402
+from ..fl import CLIENT_STREAM, Federation, client_schedules, derive_seed, initial_state, local_sgd, torch_threads  # noqa: E402
 from ..models import flatten_params, float_buffers  # noqa: E402
 from .strategy import AttackWrapper, DefenseStrategy, from_arrays, modifies_updates, to_arrays  # noqa: E402
 
@@ -69,19 +69,6 @@ def _client_federation(config_json: str) -> Federation:
     return fed
 
 
-@contextlib.contextmanager
-def _one_torch_thread() -> Iterator[None]:
-    """Torch on one thread inside the block (a Flower client is given one CPU), so that a client
-    computes the same bits in a Ray worker, in this process, or in a one-thread simulator run;
-    the previous thread count afterwards."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(threads)
-
-
 client_app = ClientApp()
 """A client of the book's federation (see the module docstring)."""
 
@@ -102,7 +89,7 @@ def train(msg: Message, context: Context) -> Message:
     params, buffers = from_arrays(msg.content["arrays"], fed.net, fed.test[0].device)
     x, y = fed.client_data[pid]
     [batches] = client_schedules([(x, y)], fed.recipe, [derive_seed(fed.seed, server_round, CLIENT_STREAM, pid)])
-    with _one_torch_thread():  # one CPU per client: the same arithmetic in any process
+    with torch_threads(1):  # one CPU per client: the same arithmetic in any process
         local_sgd(fed.net, params, x, y, batches, fed.recipe, buffers)
     # the trained weights themselves (not params + update): the server's w_i - w is then
     # bit for bit the simulator's update
