@@ -1,6 +1,8 @@
 """SkyMask, step 5: from binary masks to "who is benign" (Yan et al., ECCV 2024).
 
-PCA of the masks to 2-D (:func:`pca_2d`), Gaussian mixtures with one and two components, and
+PCA of the masks to 2-D (:func:`pca_2d`), Gaussian mixtures with one and two components
+(fitted as scikit-learn's ``GaussianMixture`` fits them, by the private module
+``skymask_lite._mixture``, without its per-call overhead), and
 the 1-vs-2 decision (:func:`cluster_masks`, criteria in ``DEFAULT_THRESHOLD``; the module
 docstring of :mod:`skymask_lite.skymask` explains the default, ``"collapse_or_ashman"``).
 The cluster that holds the server's root mask is benign.
@@ -10,14 +12,13 @@ from __future__ import annotations
 
 import functools
 import math
-import warnings
 from typing import Any
 
 import numpy as np
 import torch
-from sklearn.exceptions import ConvergenceWarning
-from sklearn.mixture import GaussianMixture
 from threadpoolctl import ThreadpoolController
+
+from ._mixture import Mixture, fit_mixture
 
 __all__ = [
     "COLLAPSE_RATIO",
@@ -49,9 +50,9 @@ stray the mixture merely attached to it, and is kept (chapter "Is there an attac
 
 @functools.lru_cache(maxsize=1)
 def _threadpools() -> ThreadpoolController:
-    """The process's BLAS/OpenMP thread pools, inspected once (after sklearn is imported):
+    """The process's BLAS/OpenMP thread pools, inspected once:
     ``threadpool_limits(1)`` scans the loaded libraries on every call (about 2.5 ms on the
-    book's CPU, three calls per round), ``controller.limit(limits=1)`` reuses the scan (0.02 ms)."""
+    book's CPU), ``controller.limit(limits=1)`` reuses the scan (0.02 ms)."""
     return ThreadpoolController()
 
 
@@ -203,23 +204,12 @@ def _two_clusters(
     return bic[2] < bic[1] and (criterion == "bic" or d > threshold)
 
 
-def _fit(points: np.ndarray, components: int, seed: int, n_init: int) -> GaussianMixture:
-    """A full-covariance Gaussian mixture with a fixed random state.
-
-    Identical masks (fewer distinct points than components) are legitimate here: the 1-vs-2
-    criterion then sees two coinciding components (D = 0), so sklearn's warning is silenced.
-    """
-    with _one_thread(), warnings.catch_warnings():  # 2-D points: threads only add overhead
-        warnings.filterwarnings("ignore", "Number of distinct clusters", ConvergenceWarning)
-        return GaussianMixture(components, covariance_type="full", random_state=seed, n_init=n_init).fit(points)
-
-
-def _mixture_info(gmm: GaussianMixture, points: np.ndarray) -> dict[str, torch.Tensor]:
+def _mixture_info(fit: Mixture) -> dict[str, torch.Tensor]:
     """Labels of every point, means and covariances of a fitted mixture, as CPU tensors."""
     return {
-        "labels": torch.from_numpy(gmm.predict(points)).long(),
-        "means": torch.from_numpy(gmm.means_),
-        "covariances": torch.from_numpy(gmm.covariances_),
+        "labels": torch.from_numpy(fit.labels).long(),
+        "means": torch.from_numpy(fit.means),
+        "covariances": torch.from_numpy(fit.covariances),
     }
 
 
@@ -271,15 +261,17 @@ def cluster_masks(
     root = root_index % k
     points = pca_2d(binary_masks)
     xy = points.numpy()
-    fits = {1: _fit(xy, 1, seed, 1), 2: _fit(xy, 2, seed, n_init)}  # one component: no restarts needed
-    bic = {c: float(fits[c].bic(xy)) for c in (1, 2)}
+    # identical masks (fewer distinct points than components) are legitimate: two coinciding
+    # components, D = 0; one component needs no restarts
+    fits = {1: fit_mixture(xy, 1, seed, 1), 2: fit_mixture(xy, 2, seed, n_init)}
+    bic = {c: fits[c].bic for c in (1, 2)}
     margin = (bic[1] - bic[2]) / abs(bic[1]) if bic[1] != 0 else math.inf
-    d = ashman_d(fits[2].means_, fits[2].covariances_)
-    partition = read_partition(xy, fits[2].predict(xy), root)  # the 2-component partition
+    d = ashman_d(fits[2].means, fits[2].covariances)
+    partition = read_partition(xy, fits[2].labels, root)  # the 2-component partition
     ratio, root_side = partition["spread_ratio"], partition["root_side_ratio"]
     two = _two_clusters(criterion, threshold, bic, d, margin, partition["other_size"], ratio, root_side)
     num_clusters = 2 if two else 1
-    chosen = _mixture_info(fits[num_clusters], xy)
+    chosen = _mixture_info(fits[num_clusters])
     root_label = int(chosen["labels"][root])
     same = chosen["labels"] == root_label
     strays = []
@@ -290,7 +282,7 @@ def cluster_masks(
     info = {
         "points": points,
         **chosen,
-        "fit2": _mixture_info(fits[2], xy),
+        "fit2": _mixture_info(fits[2]),
         "bic": bic,
         "ashman_d": d,
         "relative_bic_margin": margin,
