@@ -181,23 +181,23 @@ def _weighted_log_prob(x: np.ndarray, weights: np.ndarray, means: np.ndarray, pr
     """``log pi_c + log N(x_j; mu_c, Sigma_c)``, ``[m, k]``, with ``P_c = L_c^{-T}``:
     ``-(2 log 2 pi + |x_j P_c - mu_c P_c|^2) / 2 + log det P_c``."""
     k = len(means)
-    log_det = np.sum(np.log(prec_chol.reshape(k, -1)[:, ::3]), axis=1)
+    log_det = np.log(prec_chol.reshape(k, -1)[:, ::3]).sum(axis=1)
     sq = np.empty((len(x), k))
     for c in range(k):
         y = (x @ prec_chol[c]) - (means[c, :] @ prec_chol[c])
-        sq[:, c] = np.sum(np.square(y), axis=1)
+        sq[:, c] = np.square(y).sum(axis=1)
     return -0.5 * (2 * _LOG_2PI + sq) + log_det + np.log(weights)
 
 
 def _logsumexp(a: np.ndarray) -> np.ndarray:
     """``log sum_c exp(a_jc)`` per row, shifted by the row's maximum (``log1p`` of the rest)."""
-    top = np.max(a, axis=1, keepdims=True)
+    top = a.max(axis=1, keepdims=True)
     at_top = a == top
     rest = a.copy()
     rest[at_top] = -np.inf
-    count = np.sum(at_top.astype(a.dtype), axis=1, keepdims=True, dtype=a.dtype)
+    count = at_top.astype(a.dtype).sum(axis=1, keepdims=True, dtype=a.dtype)
     shift = np.where(np.isfinite(top), top, 0)
-    s = np.sum(np.exp(rest - shift), axis=1, keepdims=True, dtype=a.dtype)
+    s = np.exp(rest - shift).sum(axis=1, keepdims=True, dtype=a.dtype)
     s = np.where(s == 0, s, s / count)
     return (np.log1p(s) + np.log(count) + top)[:, 0]
 
@@ -210,20 +210,21 @@ def _em(x: np.ndarray, labels: np.ndarray, k: int) -> tuple[float, bool, tuple[n
     weights, means, covariances = _gaussian_parameters(x, resp)
     weights /= len(x)
     prec_chol = _precision_cholesky(covariances)
-    lower_bound = -np.inf
-    for _ in range(EM_MAX_ITER):
-        previous = lower_bound
-        weighted = _weighted_log_prob(x, weights, means, prec_chol)  # E-step
-        log_norm = _logsumexp(weighted)
-        with np.errstate(under="ignore"):
+    lower_bound, converged = -np.inf, False
+    with np.errstate(under="ignore"):  # responsibilities that underflow to 0 are fine
+        for _ in range(EM_MAX_ITER):
+            previous = lower_bound
+            weighted = _weighted_log_prob(x, weights, means, prec_chol)  # E-step
+            log_norm = _logsumexp(weighted)
             log_resp = weighted - log_norm[:, np.newaxis]
-        weights, means, covariances = _gaussian_parameters(x, np.exp(log_resp))  # M-step
-        weights /= np.sum(weights)
-        prec_chol = _precision_cholesky(covariances)
-        lower_bound = np.mean(log_norm)
-        if abs(lower_bound - previous) < EM_TOL:
-            return lower_bound, True, (weights, means, covariances, prec_chol)
-    return lower_bound, False, (weights, means, covariances, prec_chol)
+            weights, means, covariances = _gaussian_parameters(x, np.exp(log_resp))  # M-step
+            weights /= weights.sum()
+            prec_chol = _precision_cholesky(covariances)
+            lower_bound = log_norm.mean()
+            if abs(lower_bound - previous) < EM_TOL:
+                converged = True
+                break
+    return lower_bound, converged, (weights, means, covariances, prec_chol)
 
 
 def fit_mixture(points: np.ndarray, k: int, seed: int, n_init: int = 1) -> Mixture:
@@ -250,5 +251,5 @@ def fit_mixture(points: np.ndarray, k: int, seed: int, n_init: int = 1) -> Mixtu
     weights, means, covariances, prec_chol = best
     weighted = _weighted_log_prob(x, weights, means, prec_chol)
     parameters = 6 * k - 1  # k - 1 weights, 2k means, 3k covariance entries
-    bic = -2 * float(np.mean(_logsumexp(weighted))) * len(x) + parameters * math.log(len(x))
+    bic = -2 * float(_logsumexp(weighted).mean()) * len(x) + parameters * math.log(len(x))
     return Mixture(weights, means, covariances, np.argmax(weighted, axis=1), bic, converged)
