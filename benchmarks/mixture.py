@@ -7,7 +7,7 @@ scikit-learn's ``GaussianMixture`` (two ``fit``, two ``bic``, a ``predict`` per 
 labels); it now calls :func:`skymask_lite._mixture.fit_mixture`, the same algorithm without
 the per-call overhead. This script replays both on every mask geometry recorded in
 ``data/results/`` (the points the clustering really saw), checks that they agree (labels,
-BIC to 1e-12), and writes ``benchmarks/results/mixture.json``: per round, the median and
+BIC to 1e-12; it also counts the rounds whose two BIC are equal to the last bit), and writes ``benchmarks/results/mixture.json``: per round, the median and
 mean seconds of each, one thread.
 
 Run: ``python benchmarks/mixture.py``
@@ -64,7 +64,7 @@ def with_fit_mixture(x: np.ndarray, seed: int = 0) -> tuple[np.ndarray, dict[int
 def main() -> None:
     geometries = recorded_geometries()
     times: dict[str, list[float]] = {"sklearn": [], "fit_mixture": []}
-    disagreements = 0
+    disagreements = identical = 0
     with threadpool_limits(1), warnings.catch_warnings():
         warnings.simplefilter("ignore", ConvergenceWarning)
         for x in geometries:
@@ -77,6 +77,7 @@ def main() -> None:
             same = np.array_equal(labels_a, labels_b) and all(
                 abs(bic_a[c] - bic_b[c]) <= 1e-12 * abs(bic_a[c]) for c in bic_a)
             disagreements += not same
+            identical += all(bic_a[c] == bic_b[c] for c in bic_a)  # to the last bit
     summary = {
         name: {"median_seconds": round(statistics.median(t), 6), "mean_seconds": round(statistics.mean(t), 6)}
         for name, t in times.items()
@@ -86,6 +87,7 @@ def main() -> None:
         "rounds": len(geometries),
         "points_per_round": sorted({len(x) for x in geometries}),
         "disagreements": disagreements,
+        "rounds_with_bit_identical_bic": identical,
         "speedup_median": round(summary["sklearn"]["median_seconds"] / summary["fit_mixture"]["median_seconds"], 2),
         "seconds": summary,
         "env": environment("cpu"),
