@@ -52,7 +52,7 @@ __all__ = [
     "ATTACKER_STREAM", "CLIENT_STREAM", "ENGINES", "POISON_STREAM", "ROOT_STREAM", "ROUND_STREAM", "SUBSET_STREAM",
     "Federation", "LocalTrainingDiverged", "State", "attacker_sample", "check_local_training", "client_batches",
     "client_schedules", "conv_autotune", "cudnn_autotune_enabled", "derive_seed",
-    "evaluate", "initial_state", "local_sgd", "predict", "resolve_engine", "root_batches",
+    "evaluate", "initial_state", "local_sgd", "phase_clock", "predict", "resolve_engine", "root_batches",
     "root_steps_like_clients", "round_context", "round_updates", "run_round", "server_step", "torch_threads",
     "train_clients",
     "train_clients_batched", "train_clients_loop", "train_clients_parallel", "train_root",
@@ -624,6 +624,18 @@ def evaluate(fed: Federation, state: State, attack: Any) -> dict[str, float]:
     return record
 
 
+def phase_clock(device: torch.device) -> float:
+    """``time.perf_counter()`` once ``device`` has finished the work queued on it so far.
+
+    CUDA runs kernels asynchronously: without the wait, the tail of one phase's GPU work (the
+    clients' training, say) would be timed as part of the next phase (the attack or the rule).
+    On a CPU it is the plain clock.
+    """
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter()
+
+
 def run_round(
     fed: Federation,
     state: State,
@@ -637,25 +649,27 @@ def run_round(
 
     ``timing["clients"]`` includes the root update ``g0`` (trained next to the clients, see
     :func:`round_updates`); ``timing["defense"]`` is the rule alone. The attack does not see ``g0``.
+    Each phase ends when the device has finished its work (:func:`phase_clock`).
     """
-    t0 = time.perf_counter()
+    device = state.params.device
+    t0 = phase_clock(device)
     updates, buffers, g0 = round_updates(fed, state, with_root_update=getattr(defense, "needs_root_update", False))
-    t1 = time.perf_counter()
+    t1 = phase_clock(device)
     ctx = round_context(fed, state, attacker_data=getattr(attack, "needs_attacker_data", False))
     updates = attack(updates, ctx)
     if updates.shape[0] != fed.num_clients:
         raise RuntimeError(f"the attack returned {updates.shape[0]} updates; the server must receive {fed.num_clients}")
-    t2 = time.perf_counter()
+    t2 = phase_clock(device)
     ctx.root_update = g0
     agg = defense(updates, ctx)
-    t3 = time.perf_counter()
+    t3 = phase_clock(device)
     server_step(fed, state, agg, buffers)
     record: dict[str, Any] = {"round": state.round, **evaluate(fed, state, attack), "kept": agg.kept.tolist()}
     record.update(detection_rates(agg.kept, fed.malicious, fed.num_clients))
     record["defense_info"] = agg.stats
     if getattr(attack, "stats", None) is not None:
         record["attack_info"] = attack.stats
-    t4 = time.perf_counter()
+    t4 = phase_clock(device)
     record["seconds"] = t4 - t0
     record["timing"] = {"clients": t1 - t0, "attack": t2 - t1, "defense": t3 - t2, "eval": t4 - t3}
     return record

@@ -245,6 +245,26 @@ def test_run_round_applies_the_rule_and_records_detection():
     assert set(record["timing"]) == {"clients", "attack", "defense", "eval"}
 
 
+def test_each_phase_of_a_round_waits_for_its_device(monkeypatch):
+    import skymask_lite.fl as fl_module
+
+    synced = []
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda device=None: synced.append(device))
+    fl_module.phase_clock(torch.device("cpu"))
+    assert synced == []  # the CPU has no queue to wait for
+    fl_module.phase_clock(torch.device("cuda", 1))
+    assert synced == [torch.device("cuda", 1)]
+
+    clocks = []
+    real = fl_module.phase_clock
+    monkeypatch.setattr(fl_module, "phase_clock", lambda device: clocks.append(device) or real(device))
+    fed = _federation()
+    state = initial_state(fed)
+    record = run_round(fed, state, lambda u, ctx: u, _mean)
+    assert clocks == [state.params.device] * 5  # round start and the end of each of four phases
+    assert record["seconds"] == pytest.approx(sum(record["timing"].values()))
+
+
 def test_rounds_are_reproducible_and_engine_independent():
     records = []
     for engine in ("loop", "loop", "batched", "parallel"):
