@@ -6,9 +6,10 @@ both fits' BIC and the 2-component fit's labels. Until commit 57c197a it called
 scikit-learn's ``GaussianMixture`` (two ``fit``, two ``bic``, a ``predict`` per use of the
 labels); it now calls :func:`skymask_lite._mixture.fit_mixture`, the same algorithm without
 the per-call overhead. This script replays both on every mask geometry recorded in
-``data/results/`` (the points the clustering really saw), checks that they agree (labels,
-BIC to 1e-12; it also counts the rounds whose two BIC are equal to the last bit), and writes ``benchmarks/results/mixture.json``: per round, the median and
-mean seconds of each, one thread.
+``data/results/`` (:func:`skymask_lite.analysis.recorded_points`), checks that they agree
+(labels, BIC to 1e-12; it also counts the rounds whose two BIC are equal to the last bit) and
+writes ``benchmarks/results/mixture.json``: per round, the median and mean seconds of each,
+one thread.
 
 Run: ``python benchmarks/mixture.py``
 """
@@ -28,23 +29,12 @@ from sklearn.mixture import GaussianMixture
 from threadpoolctl import threadpool_limits
 
 from skymask_lite._mixture import fit_mixture
+from skymask_lite.analysis import recorded_points
 from skymask_lite.experiments import environment
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = Path(__file__).resolve().parent / "results" / "mixture.json"
 N_INIT = 3
-
-
-def recorded_geometries() -> list[np.ndarray]:
-    """The 2-D PCA points of every round that recorded its mask geometry."""
-    points = []
-    for path in sorted((ROOT / "data" / "results").glob("*/*.json")):
-        run = json.loads(path.read_text())
-        for record in run.get("rounds", []) if isinstance(run, dict) else []:
-            geometry = (record.get("defense_info") or {}).get("geometry")
-            if geometry:
-                points.append(np.array(geometry["points"]))
-    return points
 
 
 def with_sklearn(x: np.ndarray, seed: int = 0) -> tuple[np.ndarray, dict[int, float]]:
@@ -62,7 +52,7 @@ def with_fit_mixture(x: np.ndarray, seed: int = 0) -> tuple[np.ndarray, dict[int
 
 
 def main() -> None:
-    geometries = recorded_geometries()
+    geometries = recorded_points(ROOT / "data" / "results")
     times: dict[str, list[float]] = {"sklearn": [], "fit_mixture": []}
     disagreements = identical = 0
     with threadpool_limits(1), warnings.catch_warnings():

@@ -27,6 +27,7 @@ __all__ = [
     "decide",
     "decision_rounds",
     "geometry_statistics",
+    "recorded_points",
     "round_table",
     "run_table",
     "setting_label",
@@ -152,6 +153,20 @@ def decide(stats: dict[str, Any], bic_1: float, bic_2: float, criterion: str = "
     two = _two_clusters(criterion, threshold, bic, stats["ashman_d"], margin, stats["other_size"],
                         stats["spread_ratio"], root_side)
     return 2 if two else 1
+
+
+def recorded_points(root: str | Path) -> list[np.ndarray]:
+    """The masks' 2-D PCA points (``[n + 1, 2]``, root last) of every round that recorded its
+    geometry, in the results files of ``root``'s study folders (``root/*/*.json``): the points
+    SkyMask's clustering really saw."""
+    points = []
+    for path in sorted(Path(root).glob("*/*.json")):
+        result = json.loads(path.read_text())
+        for record in result.get("rounds", []) if isinstance(result, dict) else []:
+            geometry = (record.get("defense_info") or {}).get("geometry")
+            if geometry:
+                points.append(np.array(geometry["points"]))
+    return points
 
 
 def decision_rounds(folder: str | Path) -> pd.DataFrame:

@@ -1,6 +1,5 @@
 """The Gaussian mixtures of SkyMask's clustering step against scikit-learn, their reference."""
 
-import json
 import warnings
 from pathlib import Path
 
@@ -11,23 +10,9 @@ from sklearn.exceptions import ConvergenceWarning
 from sklearn.mixture import GaussianMixture
 
 from skymask_lite._mixture import fit_mixture, kmeans_labels
+from skymask_lite.analysis import recorded_points
 
 RESULTS = Path(__file__).resolve().parents[1] / "data" / "results"
-
-
-def recorded_points(every: int = 6) -> list[np.ndarray]:
-    """Every ``every``-th mask geometry (2-D PCA points of n + 1 masks) recorded by the runs in
-    ``data/results`` (``record_geometry``): the inputs the clustering really sees."""
-    points = []
-    for path in sorted(RESULTS.glob("*/*.json")):
-        run = json.loads(path.read_text())
-        if not isinstance(run, dict):
-            continue
-        for record in run.get("rounds", []):
-            geometry = (record.get("defense_info") or {}).get("geometry")
-            if geometry:
-                points.append(np.array(geometry["points"]))
-    return points[::every]
 
 
 def random_points(count: int = 60) -> list[np.ndarray]:
@@ -70,7 +55,7 @@ def assert_same_fit(x: np.ndarray, k: int, seed: int, n_init: int) -> None:
 
 @pytest.mark.parametrize("k, n_init", [(1, 1), (2, 3)])
 def test_fit_mixture_equals_sklearn_on_recorded_mask_geometries(k, n_init):
-    sets = recorded_points()
+    sets = recorded_points(RESULTS)[::6]  # every 6th recorded round
     assert len(sets) > 100, "the results folders should hold recorded mask geometries"
     for x in sets:
         assert_same_fit(x, k, 0, n_init)
