@@ -71,11 +71,13 @@ def test_gpu_check_acceptance_reads_failures_and_targets(gpu_check, tmp_path):
     bench = tmp_path / "bench.json"
     bench.write_text(json.dumps({"resnet20_round": {"clients": 100, "seconds": 3.2},
                                  "skymask_server_share_at_100": 0.08}))
-    report = {"benchmark": {}, "notebooks": {"a.ipynb": {"status": "ok"}, "b.ipynb": {"status": "failed"}},
+    report = {"benchmark": {}, "notebooks": {"a.ipynb": {"status": "ok"}, "b.ipynb": {"status": "failed"},
+                                             "c.ipynb": {"status": "skipped", "error": ["needs x"]}},
               "matrix": {"x": {"status": "ok"}, "y": {"status": "collapsed"}, "z": {"status": "failed"},
                          "w": {"status": "not run (time budget)"}}}
     out = gpu_check.acceptance(report, bench)
     assert (out["chapters_ok"], out["chapters_failed"]) == (["a.ipynb"], ["b.ipynb"])
+    assert out["chapters_skipped"] == {"c.ipynb": "needs x"}  # neither ran nor failed
     assert (out["matrix_collapsed"], out["matrix_failures"], out["matrix_not_run"]) == (["y"], ["z"], ["w"])
     assert out["resnet20_round_ok"] is False and out["skymask_share_ok"] is True  # 3.2 s > 3 s; 8% <= 10%
     del report["benchmark"]  # no benchmark in this run: no verdict on its targets
@@ -108,6 +110,28 @@ def test_gpu_check_executes_a_notebook_that_never_imports_pyplot(gpu_check, tmp_
     path.write_text(json.dumps({"cells": cells, "metadata": {}, "nbformat": 4, "nbformat_minor": 5}))
     gpu_check.execute_notebook(path)
     assert (tmp_path / "x").read_text() == "21"
+
+
+def test_gpu_check_skips_only_a_chapter_whose_extra_is_missing(gpu_check, tmp_path, monkeypatch):
+    """A chapter that imports the Flower package is recorded as skipped, with the missing
+    packages named, where Flower or Ray is not installed; it runs where both are; a chapter
+    that does not import it (or only in an ``nbval-skip`` cell) always runs."""
+    def chapter(name, source, tags=()):
+        cells = [{"cell_type": "code", "metadata": {"tags": list(tags)}, "source": [source]}]
+        path = tmp_path / name
+        path.write_text(json.dumps({"cells": cells, "metadata": {}, "nbformat": 4, "nbformat_minor": 5}))
+        return path
+
+    flower = chapter("flower.ipynb", "from skymask_lite.flower import apps")
+    colab = chapter("colab.ipynb", "import skymask_lite.flower", tags=["nbval-skip"])
+    plain = chapter("plain.ipynb", "import skymask_lite")
+    installed = {"flwr"}
+    monkeypatch.setattr("importlib.util.find_spec", lambda name: object() if name in installed else None)
+    why = gpu_check.missing_extra(flower)
+    assert "flower extra" in why and why.endswith("not installed: ray")
+    assert gpu_check.missing_extra(colab) is None and gpu_check.missing_extra(plain) is None
+    installed.add("ray")
+    assert gpu_check.missing_extra(flower) is None
 
 
 def test_gpu_check_refuses_a_copy_whose_git_disagrees_with_commit(gpu_check):
