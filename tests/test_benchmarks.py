@@ -57,6 +57,30 @@ def test_committed_cuda_benchmark_agrees_with_its_markdown_and_the_gpu_check(run
     assert report["acceptance"]["skymask_server_share"] == pytest.approx(skymask["defense"] / skymask["total"], abs=1e-4)
 
 
+def test_committed_server_share_follows_from_its_rounds():
+    """The GPU's median share of SkyMask's server step is computed from the rounds it records:
+    every SkyMask and FedAvg round's phases, from the same commit and machine."""
+    share = _script("server_share")
+    saved = json.loads((BENCH / "results" / "server_share_cuda.json").read_text())
+    rounds = saved["per_round"]
+    assert len(rounds["skymask"]) == len(rounds["fedavg"]) == saved["rounds"]
+    assert {k: saved[k] for k in share.summarize(rounds["skymask"], rounds["fedavg"])} == share.summarize(
+        rounds["skymask"], rounds["fedavg"])
+    assert min(r["defense"] / r["total"] for r in rounds["skymask"]) <= saved["share_median"] <= max(
+        r["defense"] / r["total"] for r in rounds["skymask"])
+    assert saved["env"]["device"] == "cuda" and saved["env"]["git_dirty"] is False
+
+
+def test_server_share_summary_is_the_median_round():
+    """Medians, not means: one slow round (here 10x) does not move them."""
+    share = _script("server_share")
+    sky = [{"defense": 0.03, "total": 0.3}, {"defense": 0.04, "total": 0.4}, {"defense": 0.5, "total": 5.0}]
+    fed = [{"total": 0.27}, {"total": 0.36}, {"total": 3.0}]
+    out = share.summarize(sky, fed)
+    assert out["server_seconds_median"] == 0.04 and out["skymask_round_median"] == 0.4
+    assert out["share_median"] == 0.1 and out["share_of_fedavg_round"] == 0.1  # 0.04 / (0.36 + 0.04)
+
+
 def test_markdown_names_the_resnet_round_under_both_cudnn_settings(run_module):
     """A CUDA benchmark's ResNet20 line gives the round with cuDNN's own timing and without."""
     cuda = json.loads((BENCH / "results" / "benchmark_cuda.json").read_text())
