@@ -16,7 +16,9 @@ In order:
    * every chapter notebook executed top to bottom on the device, each in a fresh Python
      process with ``book/`` as working directory (the cells' code in order, as Jupyter would
      run it; the Colab install cell, tagged ``nbval-skip``, is skipped; the kernel is not
-     needed, so IPython line magics are dropped);
+     needed, so IPython line magics are dropped); a chapter that needs an optional extra
+     that is not installed (chapter 6: Flower and Ray) is recorded as ``skipped``, with the
+     missing packages named;
    * every attack x defense pair for 2 rounds (20 clients, 4 malicious, 6,000 training images)
      through :func:`~skymask_lite.experiments.run_experiment`: ``ok``, ``collapsed`` (the attack
      destroyed the model, recorded as a result) or ``failed`` with the error;
@@ -29,9 +31,9 @@ In order:
      ``--end-by``); the runs already in ``--study-dir`` are skipped and the new ones packed
      into ``studies.tar.gz``.
 
-``gpu_check.json`` ends with ``acceptance``: every chapter ran, the matrix has no failure other
-than recorded collapses, ResNet20's batched round of 100 clients <= 3 s, SkyMask's server step
-<= 10% of the batched round.
+``gpu_check.json`` ends with ``acceptance``: the chapters that ran, failed or were skipped (and
+why), whether the matrix has no failure other than recorded collapses, ResNet20's batched round
+of 100 clients <= 3 s, SkyMask's server step <= 10% of the batched round.
 """
 
 from __future__ import annotations
