@@ -69,6 +69,18 @@ def _display():
     return display
 
 
+def checked_cells(path: Path) -> list[tuple[int, str]]:
+    """The code cells the check runs, ``(number, source)`` in order: all but those tagged
+    ``nbval-skip`` (the Colab install cells), with IPython's magic and shell lines dropped."""
+    out = []
+    for number, cell in enumerate(json.loads(path.read_text())["cells"]):
+        if cell["cell_type"] != "code" or "nbval-skip" in cell.get("metadata", {}).get("tags", []):
+            continue
+        lines = "".join(cell["source"]).splitlines()
+        out.append((number, "\n".join(line for line in lines if not line.lstrip().startswith(("%", "!")))))
+    return out
+
+
 def execute_notebook(path: Path) -> None:
     """Run a notebook's code cells in order in this process (called in a fresh process)."""
     import matplotlib
@@ -76,13 +88,8 @@ def execute_notebook(path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt  # also for a chapter that never imports it (e.g. 11 without CIFAR)
 
-    cells = json.loads(path.read_text())["cells"]
     namespace: dict = {"__name__": "__main__", "display": _display()}
-    for number, cell in enumerate(cells):
-        if cell["cell_type"] != "code" or "nbval-skip" in cell.get("metadata", {}).get("tags", []):
-            continue
-        lines = "".join(cell["source"]).splitlines()
-        code = "\n".join(line for line in lines if not line.lstrip().startswith(("%", "!")))
+    for number, code in checked_cells(path):
         try:
             exec(compile(code, f"{path.name}, cell {number}", "exec"), namespace)
         except Exception:
@@ -102,9 +109,7 @@ def missing_extra(path: Path) -> str | None:
     is larger than what travels to a device machine that cannot reach a package index."""
     import importlib.util
 
-    cells = json.loads(path.read_text())["cells"]
-    code = "".join("".join(c["source"]) for c in cells if c["cell_type"] == "code"
-                   and "nbval-skip" not in c.get("metadata", {}).get("tags", []))
+    code = "\n".join(source for _, source in checked_cells(path))
     for module, (extra, packages) in EXTRAS.items():
         absent = [p for p in packages if importlib.util.find_spec(p) is None]
         if module in code and absent:
