@@ -271,11 +271,13 @@ def pack_studies(names: list[str], folder: Path, before: dict[str, set[str]], ou
 
 
 def graph_check(device: str) -> dict:
-    """The mask step replayed as a CUDA graph against the plain loop on the device (one real
-    FMNIST problem, 20 steps): the kept clients must agree; the logits and losses are reported,
-    not required equal (the GPU's convolution backward is not bit-deterministic). Both loops are
-    timed after a warm-up call (at commit b2d7968 the plain loop was timed cold)."""
-    from skymask_lite._mask_kernels import GRAPH_ENV, use_graph
+    """The mask step replayed as a CUDA graph against the plain loop on the device (real FMNIST
+    updates, 20 steps), for two problems in a row, as two rounds: four colluders, then five
+    others; the second replays the graph captured for the first with its own inputs copied in.
+    The kept clients must agree in both; the logits and losses are reported, not required equal
+    (the GPU's convolution backward is not bit-deterministic). Every loop is timed after a
+    warm-up call of the plain loop (at commit b2d7968 the plain loop was timed cold)."""
+    from skymask_lite._mask_kernels import CAPTURED, GRAPH_ENV, use_graph
     from skymask_lite.experiments import Config, build
     from skymask_lite.fl import initial_state, round_updates
     from skymask_lite.skymask import binarize, cluster_masks, stack_models, train_masks
@@ -285,22 +287,29 @@ def graph_check(device: str) -> dict:
     with mock.patch("skymask_lite.experiments.load_dataset", _cached_dataset):
         fed, _, _ = build(Config(num_clients=20, train_size=6000, device=device, engine="batched"))
     state = initial_state(fed)
-    updates, _, g0 = round_updates(fed, state, with_root_update=True)
-    updates[:4] = -3 * updates[4:].mean(dim=0)  # four colluders
-    models = stack_models(state.params, updates, g0)
-    out, kept = {}, {}
-    train_masks(fed.net, models, *fed.root, buffers=state.buffers, graph=False)  # warm-up
-    for graph in (False, True):
-        torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        logits, losses = train_masks(fed.net, models, *fed.root, buffers=state.buffers, graph=graph)
-        torch.cuda.synchronize()
-        out[graph] = (logits, losses, time.perf_counter() - t0)
-        kept[graph] = cluster_masks(binarize(logits))[0].tolist()
-    return {"status": "ok", "max_abs_logit_difference": float((out[True][0] - out[False][0]).abs().max()),
-            "losses_equal": out[True][1] == out[False][1], "kept_equal": kept[True] == kept[False],
-            "steps": len(out[True][1]), "seconds_plain": round(out[False][2], 4),
-            "seconds_graph": round(out[True][2], 4)}
+    honest, _, g0 = round_updates(fed, state, with_root_update=True)
+    first, second = honest.clone(), honest.clone()
+    first[:4] = -3 * honest[4:].mean(dim=0)  # four colluders
+    second[-5:] = -2 * honest[:-5].mean(dim=0)  # the next round: five others
+    CAPTURED.clear()
+    train_masks(fed.net, stack_models(state.params, first, g0), *fed.root, buffers=state.buffers, graph=False)
+    report: dict = {"status": "ok"}
+    for name, updates in (("first", first), ("reused", second)):
+        models = stack_models(state.params, updates, g0)
+        out, kept = {}, {}
+        for graph in (False, True):
+            torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            logits, losses = train_masks(fed.net, models, *fed.root, buffers=state.buffers, graph=graph)
+            torch.cuda.synchronize()
+            out[graph] = (logits, losses, time.perf_counter() - t0)
+            kept[graph] = cluster_masks(binarize(logits))[0].tolist()
+        report[name] = {"max_abs_logit_difference": float((out[True][0] - out[False][0]).abs().max()),
+                        "losses_equal": out[True][1] == out[False][1], "kept_equal": kept[True] == kept[False],
+                        "kept": len(kept[True]), "steps": len(out[True][1]),
+                        "seconds_plain": round(out[False][2], 4), "seconds_graph": round(out[True][2], 4)}
+    report["kept_equal"] = report["first"]["kept_equal"] and report["reused"]["kept_equal"]
+    return report
 
 
 def _guarded(name: str, fn, *args) -> dict:

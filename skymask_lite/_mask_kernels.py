@@ -276,6 +276,36 @@ def cuda_graphed(step: Callable[[], None]) -> Callable[[], None]:
     return graph.replay
 
 
+@dataclass
+class CapturedStep:
+    """A captured mask step and the static tensors its replays read and write: the inputs
+    (models, root images and labels, buffers, private copies the caller never sees), the mask
+    logits, the copy of them taken at the step's start and the step's loss. ``key`` names what
+    the kernels were captured for (shapes, dtypes, device, network, optimizer, ``lr``,
+    ``grad_clip``); ``net`` is held so that its ``id`` in the key cannot be reused."""
+
+    key: tuple
+    net: nn.Module
+    inputs: list[torch.Tensor]
+    mask: torch.Tensor
+    before: torch.Tensor
+    loss_out: torch.Tensor
+    replay: Callable[[], None]
+
+
+CAPTURED: dict[str, CapturedStep] = {}
+"""The last captured mask step of this process (one entry, ``"last"``): the next
+:func:`train_mask_columns` call of the same shapes copies its inputs in and replays it instead
+of capturing a new graph (capturing costs about two steps). One entry bounds the memory held."""
+
+
+def _capture_key(net, blocks, root_x, root_y, buffers, optimizer, lr, grad_clip) -> tuple:
+    """What a captured step depends on besides its static tensors' values."""
+    inputs = [blocks, root_x, root_y, *(buffers or {}).values()]
+    return (id(net), tuple(buffers or {}), optimizer, lr, grad_clip,
+            tuple((tuple(t.shape), t.dtype, t.device) for t in inputs))
+
+
 def _eager(step: Callable[[], None]) -> Callable[[], None]:
     """The capture of :func:`cuda_graphed` without a graph: run ``step`` once, return it (the
     same loop on any device; the tests run the graph loop's logic through it on a CPU)."""
@@ -299,6 +329,7 @@ def train_mask_columns(
     min_delta: float,
     graph: bool | None = None,
     capture: Callable[[Callable[[], None]], Callable[[], None]] | None = None,
+    captured: dict[str, CapturedStep] | None = None,
 ) -> tuple[ColumnBlocks, list[float]]:
     """:func:`skymask_lite.skymask.train_masks` on models in :class:`ColumnBlocks` (a contiguous
     block streams through the CPU cache; a column slice of a ``[k, d]`` matrix does not).
@@ -314,7 +345,10 @@ def train_mask_columns(
       backward and step;
     * graphed (``graph``, see :func:`use_graph`; ``capture`` replaces :func:`cuda_graphed`, the
       tests pass :func:`_eager`): the whole step (forward, backward, update) is one CUDA graph
-      replayed ``steps`` times, the loss read after each replay. A step that reads a stalled
+      replayed ``steps`` times, the loss read after each replay. The graph is kept in
+      ``captured`` (default: :data:`CAPTURED` with real graphs, none with ``capture``) and
+      replayed by the next call of the same shapes (the next round) after its inputs are
+      copied into the graph's static tensors; the returned logits are a copy. A step that reads a stalled
       loss has already updated ``M``; its update is undone from the copy taken at the step's
       start, so both loops take the same steps (equal on a CPU, tested). On a GPU the graph
       replaces a few hundred kernel launches per step by one, and the launches, not the
@@ -326,7 +360,23 @@ def train_mask_columns(
     """
     blocks, d = models.data, models.d
     nb, k, width = blocks.shape
-    graphed = capture is not None or use_graph(graph, blocks.device, optimizer, nb)
+    graphed = steps > 0 and (capture is not None or use_graph(graph, blocks.device, optimizer, nb))
+    if root_x.dim() == 4:  # channels-last convolutions and pooling are faster on CPUs
+        root_x = channels_last(root_x)
+    if graphed:
+        if captured is None or optimizer == "adam":  # Adam's moments must not outlive a call
+            captured = CAPTURED if capture is None and optimizer != "adam" else {}
+        key = _capture_key(net, blocks, root_x, root_y, buffers, optimizer, lr, grad_clip)
+        last = captured.get("last")
+        if last is None or last.key != key:
+            inputs = [t.clone() for t in (blocks, root_x, root_y, *(buffers or {}).values())]
+            blocks, root_x, root_y = inputs[:3]  # the step reads private copies, refilled per call
+            buffers = dict(zip(buffers, inputs[3:])) if buffers is not None else None
+        else:
+            for static, new in zip(last.inputs, (blocks, root_x, root_y, *(buffers or {}).values())):
+                static.copy_(new)
+            last.mask.fill_(init)
+            return _replay_steps(last, steps, patience, min_delta, d)
     mask = torch.full_like(blocks, init, requires_grad=optimizer == "adam")
     opt = make_optimizer(mask, optimizer, lr) if optimizer == "adam" else None
     s, product = torch.empty_like(blocks), torch.empty_like(blocks[0])
@@ -334,8 +384,6 @@ def train_mask_columns(
     # SGD needs one block of the gradient at a time (the forward's scratch block); Adam the whole
     grad = torch.empty_like(blocks) if opt is not None else None
     total, weights = blocks.new_empty(nb, width), blocks.new_empty(nb, width)
-    if root_x.dim() == 4:  # channels-last convolutions and pooling are faster on CPUs
-        root_x = channels_last(root_x)
 
     def forward() -> tuple[torch.Tensor, torch.Tensor]:
         with torch.no_grad():  # forward of masked_weights: W = sum_i s_i W_i / sum_i s_i
@@ -380,18 +428,29 @@ def train_mask_columns(
         loss_out.copy_(loss.detach())
         backward(loss, w)
 
-    replay = None
-    for _ in range(steps):
-        if replay is None:  # the first step runs inside the capture, which returns the replay
-            replay = (capture or cuda_graphed)(step)
-        else:
-            replay()
-        losses.append(loss_out.item())
+    # the first step runs inside the capture (its warm-up), which returns the replay
+    replay = (capture or cuda_graphed)(step)
+    captured["last"] = CapturedStep(key, net, [blocks, root_x, root_y, *(buffers or {}).values()],
+                                    mask, before, loss_out, replay)
+    return _replay_steps(captured["last"], steps, patience, min_delta, d, first_done=True)
+
+
+def _replay_steps(
+    step: CapturedStep, steps: int, patience: int, min_delta: float, d: int, first_done: bool = False
+) -> tuple[ColumnBlocks, list[float]]:
+    """The graphed loop: ``steps`` replays (the first already run when ``first_done``), the loss
+    read after each; a stalled step's update is undone. Returns a copy of the logits (the
+    static ones belong to the captured step) and the losses."""
+    losses: list[float] = []
+    for t in range(steps):
+        if t > 0 or not first_done:
+            step.replay()
+        losses.append(step.loss_out.item())
         if _stalled(losses, patience, min_delta):
             with torch.no_grad():
-                mask.copy_(before)  # the plain loop stops before this step's update
+                step.mask.copy_(step.before)  # the plain loop stops before this step's update
             break
-    return ColumnBlocks(mask.detach(), d), losses
+    return ColumnBlocks(step.mask.detach().clone(), d), losses
 
 
 def binarize_columns(mask_logits: torch.Tensor | ColumnBlocks, tau: float, block: int) -> torch.Tensor:

@@ -274,6 +274,46 @@ def test_graph_loop_equals_plain_loop(problem, optimizer, lr):
         assert not torch.equal(plain, torch.ones_like(plain))  # the masks moved: the check can fail
 
 
+def test_captured_step_is_replayed_for_the_next_call_with_new_inputs(problem):
+    """The graphed loop keeps its captured step for the next call of the same shapes (the next
+    round) and copies that call's inputs into the step's own tensors: each call equals the
+    plain loop on its own models, root data and buffers (a replay that read the first call's
+    inputs would not), the callers' tensors and the first call's returned logits are left as
+    they were, and another shape captures anew."""
+    net = make_model("resnet20", "cifar10", seed=1)  # BatchNorm: buffers are inputs too
+    w = flatten_params(net)
+    gen = torch.Generator().manual_seed(3)
+    calls = []
+    for shift in (0.0, 0.2):  # two rounds: other models, root batch and buffers
+        models = kernels.to_blocks(w + 0.01 * torch.randn(4, len(w), generator=gen), len(w))
+        x, y = torch.randn(6, 3, 32, 32, generator=gen), (torch.arange(6) + int(10 * shift)) % 10
+        buffers = {k: v + shift for k, v in net.named_buffers() if v.is_floating_point()}
+        calls.append((models, x, y, buffers))
+    common = dict(steps=4, init=1.0, optimizer="clipped_sgd", lr=1e8, grad_clip=1e-7, patience=100, min_delta=1e-2)
+    captured, replays = {}, []
+
+    def capture(step):  # as _eager, counting the captures
+        replays.append(step)
+        return kernels._eager(step)
+
+    results, snapshots = [], [[t.clone() for t in (m.data, x, y, *b.values())] for m, x, y, b in calls]
+    for models, x, y, buffers in calls:
+        plain = kernels.train_mask_columns(net, models, x, y, buffers=buffers, graph=False, **common)
+        got = kernels.train_mask_columns(net, models, x, y, buffers=buffers, capture=capture, captured=captured,
+                                         **common)
+        assert got[1] == plain[1] and torch.equal(got[0].data, plain[0].data)
+        results.append((got[0].data.clone(), got[0].data))
+    for snapshot, (models, x, y, buffers) in zip(snapshots, calls):  # no call wrote into a caller's tensors
+        assert all(torch.equal(a, b) for a, b in zip(snapshot, (models.data, x, y, *buffers.values())))
+    assert len(replays) == 1  # captured once, replayed for the second call
+    assert not torch.equal(results[0][0], results[1][0])  # the two calls differ: the check can fail
+    assert torch.equal(results[0][0], results[0][1])  # the first call's logits survived the second
+    models, x, y, buffers = calls[0]
+    kernels.train_mask_columns(net, kernels.to_blocks(kernels.from_blocks(models)[:3], len(w)), x, y,
+                               buffers=buffers, capture=capture, captured=captured, **common)
+    assert len(replays) == 2  # three models instead of four: a new capture
+
+
 def test_use_graph_decides_by_device_optimizer_and_switch(monkeypatch):
     cuda, cpu = torch.device("cuda"), torch.device("cpu")
     monkeypatch.delenv(kernels.GRAPH_ENV, raising=False)
