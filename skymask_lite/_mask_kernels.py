@@ -291,6 +291,7 @@ class CapturedStep:
     before: torch.Tensor
     loss_out: torch.Tensor
     replay: Callable[[], None]
+    step: Callable[[], None]  # its closure holds every scratch tensor the graph reads or writes
 
 
 CAPTURED: dict[str, CapturedStep] = {}
@@ -431,7 +432,7 @@ def train_mask_columns(
     # the first step runs inside the capture (its warm-up), which returns the replay
     replay = (capture or cuda_graphed)(step)
     captured["last"] = CapturedStep(key, net, [blocks, root_x, root_y, *(buffers or {}).values()],
-                                    mask, before, loss_out, replay)
+                                    mask, before, loss_out, replay, step)
     return _replay_steps(captured["last"], steps, patience, min_delta, d, first_done=True)
 
 
