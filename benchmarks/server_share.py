@@ -56,7 +56,8 @@ def measure(device: str, quick: bool, rounds: int) -> dict:
         for rule, args in runs.items():
             record = run_round(*args)
             records[rule].append({**{k: round(v, 4) for k, v in record["timing"].items()},
-                                  "total": round(record["seconds"], 4)})
+                                  "total": round(record["seconds"], 4), "fpr": record["fpr"],
+                                  "fnr": record["fnr"], "test_acc": record["test_acc"]})
     return {"setup": f"{base.num_clients} clients, {base.num_malicious} Min-Max attackers, engine {base.engine}",
             "rounds": rounds, **summarize(records["skymask"], records["fedavg"]), "per_round": records}
 
