@@ -252,7 +252,10 @@ def train_masks(
             one whole block on other devices.
         graph: replay each step as one CUDA graph (the same operations, one launch instead
             of a few hundred per step); ``None``: on CUDA for the SGD optimizers, unless the
-            environment variable ``SKYMASK_MASK_GRAPH=0`` switches graphs off.
+            environment variable ``SKYMASK_MASK_GRAPH=0`` switches graphs off. The graph is
+            kept for the next call with the same shapes (the next round) and holds its own
+            copies of the inputs (about four ``[k, d]`` matrices) until then;
+            ``skymask_lite._mask_kernels.CAPTURED.clear()`` releases them.
 
     Returns:
         ``(M, losses)``: the detached logits, ``[k, d]`` (:class:`ColumnBlocks` for blocked

@@ -314,6 +314,38 @@ def test_captured_step_is_replayed_for_the_next_call_with_new_inputs(problem):
     assert len(replays) == 2  # three models instead of four: a new capture
 
 
+def test_captured_step_outlives_its_call_as_a_graph_needs(problem):
+    """A CUDA graph keeps raw pointers into the tensors it captured, not the Python objects:
+    the captured step itself must own the function whose closure holds its scratch tensors.
+    Without that they were freed when the call returned, and the next round's replay wrote
+    into memory the clients' training had taken over (a 25-round run on an H200 diverged).
+    Here the capture, like a graph, holds the function only weakly."""
+    import gc
+    import weakref
+
+    def capture(step):
+        step()
+        function = weakref.ref(step)
+
+        def replay():
+            alive = function()
+            assert alive is not None, "the captured step's function (and its scratch tensors) was freed"
+            alive()
+        return replay
+
+    models = sm.stack_models(problem["global_params"], problem["updates"], problem["root_update"])
+    blocked = kernels.to_blocks(models, models.shape[1])
+    common = dict(buffers=None, steps=4, init=1.0, optimizer="clipped_sgd", lr=1e7, grad_clip=1e-7,
+                  patience=100, min_delta=1e-2)
+    args = (problem["net"], blocked, problem["root_x"], problem["root_y"])
+    captured = {}
+    kernels.train_mask_columns(*args, capture=capture, captured=captured, **common)
+    gc.collect()
+    got, losses = kernels.train_mask_columns(*args, capture=capture, captured=captured, **common)
+    plain, plain_losses = kernels.train_mask_columns(*args, graph=False, **common)
+    assert losses == plain_losses and torch.equal(got.data, plain.data)
+
+
 def test_use_graph_decides_by_device_optimizer_and_switch(monkeypatch):
     cuda, cpu = torch.device("cuda"), torch.device("cpu")
     monkeypatch.delenv(kernels.GRAPH_ENV, raising=False)
