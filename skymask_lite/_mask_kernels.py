@@ -354,7 +354,9 @@ def train_mask_columns(
       start, so both loops take the same steps (equal on a CPU, tested). On a GPU the graph
       replaces a few hundred kernel launches per step by one, and the launches, not the
       arithmetic, were the step's cost: on an H200 the masks of 101 CNN models took 0.03 s
-      (``benchmarks/results/benchmark_cuda.json``, ``scaling``), 0.05-0.06 s before. The
+      (``benchmarks/results/benchmark_cuda.json``, ``scaling``), 0.05-0.06 s before; with
+      the graph kept across rounds the whole server step took a median of 0.024 s over 25
+      rounds (``benchmarks/results/server_share_cuda.json``). The
       GPU's convolution backward is not bit-deterministic, and the clipped-SGD step turns the
       sign of a near-zero gradient into a whole step of ``M``: the two loops differed in a few
       logits there (up to 4) and kept the same clients.
