@@ -300,11 +300,10 @@ CAPTURED: dict[str, CapturedStep] = {}
 of capturing a new graph (capturing costs about two steps). One entry bounds the memory held."""
 
 
-def _capture_key(net, blocks, root_x, root_y, buffers, optimizer, lr, grad_clip) -> tuple:
-    """What a captured step depends on besides its static tensors' values."""
-    inputs = [blocks, root_x, root_y, *(buffers or {}).values()]
-    return (id(net), tuple(buffers or {}), optimizer, lr, grad_clip,
-            tuple((tuple(t.shape), t.dtype, t.device) for t in inputs))
+def _capture_key(net: nn.Module, inputs: list[torch.Tensor], *settings: Any) -> tuple:
+    """What a captured step depends on besides its inputs' values: the network, the inputs'
+    shapes, dtypes and devices, and ``settings`` (buffer names, optimizer, ``lr``, ``grad_clip``)."""
+    return (id(net), *settings, tuple((tuple(t.shape), t.dtype, t.device) for t in inputs))
 
 
 def _eager(step: Callable[[], None]) -> Callable[[], None]:
@@ -349,8 +348,8 @@ def train_mask_columns(
       replayed ``steps`` times, the loss read after each replay. The graph is kept in
       ``captured`` (default: :data:`CAPTURED` with real graphs, none with ``capture``) and
       replayed by the next call of the same shapes (the next round) after its inputs are
-      copied into the graph's static tensors; the returned logits are a copy. A step that reads a stalled
-      loss has already updated ``M``; its update is undone from the copy taken at the step's
+      copied into the graph's static tensors; the returned logits are a copy. A step that
+      reads a stalled loss has already updated ``M``; its update is undone from the copy taken at the step's
       start, so both loops take the same steps (equal on a CPU, tested). On a GPU the graph
       replaces a few hundred kernel launches per step by one, and the launches, not the
       arithmetic, were the step's cost: on an H200 the masks of 101 CNN models took 0.03 s
@@ -369,17 +368,17 @@ def train_mask_columns(
     if graphed:
         if captured is None or optimizer == "adam":  # Adam's moments must not outlive a call
             captured = CAPTURED if capture is None and optimizer != "adam" else {}
-        key = _capture_key(net, blocks, root_x, root_y, buffers, optimizer, lr, grad_clip)
+        inputs = [blocks, root_x, root_y, *(buffers or {}).values()]
+        key = _capture_key(net, inputs, tuple(buffers or {}), optimizer, lr, grad_clip)
         last = captured.get("last")
-        if last is None or last.key != key:
-            inputs = [t.clone() for t in (blocks, root_x, root_y, *(buffers or {}).values())]
-            blocks, root_x, root_y = inputs[:3]  # the step reads private copies, refilled per call
-            buffers = dict(zip(buffers, inputs[3:])) if buffers is not None else None
-        else:
-            for static, new in zip(last.inputs, (blocks, root_x, root_y, *(buffers or {}).values())):
+        if last is not None and last.key == key:
+            for static, new in zip(last.inputs, inputs):
                 static.copy_(new)
             last.mask.fill_(init)
             return _replay_steps(last, steps, patience, min_delta, d)
+        inputs = [t.clone() for t in inputs]  # the step reads private copies, refilled per call
+        blocks, root_x, root_y = inputs[:3]
+        buffers = dict(zip(buffers, inputs[3:])) if buffers is not None else None
     mask = torch.full_like(blocks, init, requires_grad=optimizer == "adam")
     opt = make_optimizer(mask, optimizer, lr) if optimizer == "adam" else None
     s, product = torch.empty_like(blocks), torch.empty_like(blocks[0])
@@ -433,8 +432,7 @@ def train_mask_columns(
 
     # the first step runs inside the capture (its warm-up), which returns the replay
     replay = (capture or cuda_graphed)(step)
-    captured["last"] = CapturedStep(key, net, [blocks, root_x, root_y, *(buffers or {}).values()],
-                                    mask, before, loss_out, replay, step)
+    captured["last"] = CapturedStep(key, net, inputs, mask, before, loss_out, replay, step)
     return _replay_steps(captured["last"], steps, patience, min_delta, d, first_done=True)
 
 
