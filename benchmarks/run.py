@@ -84,10 +84,17 @@ def root_update_seconds(fed, state, repeats: int) -> float:
     return round(min(times), 3)
 
 
+def federation(device: str, quick: bool) -> Config:
+    """The benchmark's federation: 100 clients, 20 of them Min-Max attackers, all of
+    Fashion-MNIST (``quick``: 20 clients, 4 attackers, 6,000 images); the defense and engine are
+    set by each measurement (here and in ``server_share.py``)."""
+    return Config(num_clients=20 if quick else 100, num_malicious=4 if quick else 20, attack="min_max",
+                  train_size=6000 if quick else None, device=device)
+
+
 def round_phases(device: str, quick: bool, rounds: int) -> dict:
     """Seconds per round by phase for each rule and engine, and the DataLoader baseline side by side."""
-    base = Config(num_clients=20 if quick else 100, num_malicious=4 if quick else 20, attack="min_max",
-                  train_size=6000 if quick else None, device=device)
+    base = federation(device, quick)
     table: dict[str, dict] = {}
     for engine in ("loop", resolve_engine("auto", device)):
         for rule in ("fedavg", "skymask") if quick else ("fedavg", "fltrust", "multi_krum", "flame", "skymask"):

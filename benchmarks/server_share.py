@@ -24,6 +24,7 @@ import platform
 import statistics
 from pathlib import Path
 
+from run import federation  # benchmarks/run.py: the same federation as its share
 from skymask_lite.experiments import Config, build, environment
 from skymask_lite.fl import initial_state, resolve_engine, run_round
 
@@ -44,8 +45,7 @@ def summarize(skymask_rounds: list[dict], fedavg_rounds: list[dict]) -> dict:
 
 
 def measure(device: str, quick: bool, rounds: int) -> dict:
-    base = Config(num_clients=20 if quick else 100, num_malicious=4 if quick else 20, attack="min_max",
-                  train_size=6000 if quick else None, device=device, engine=resolve_engine("auto", device))
+    base = Config(**{**federation(device, quick).__dict__, "engine": resolve_engine("auto", device)})
     runs = {}
     for rule in ("skymask", "fedavg"):
         fed, attack, defense = build(Config(**{**base.__dict__, "defense": rule}))

@@ -2,6 +2,7 @@
 
 import importlib.util
 import json
+import sys
 from pathlib import Path
 
 import pytest
@@ -10,7 +11,10 @@ BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
 
 
 def _script(name: str):
-    """A script of ``benchmarks/`` imported as a module (they are not a package)."""
+    """A script of ``benchmarks/`` imported as a module (they are not a package; a script
+    imports its neighbours by name, as ``python benchmarks/<script>.py`` lets it)."""
+    if str(BENCH) not in sys.path:
+        sys.path.insert(0, str(BENCH))
     spec = importlib.util.spec_from_file_location(f"benchmarks_{name}", BENCH / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
